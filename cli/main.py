@@ -1,0 +1,17 @@
+"""Entry point of the `steer` command: the click group every command is registered on."""
+
+from __future__ import annotations
+
+import click
+
+from steer.cli.info import info
+from steer.version import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="steer")
+def main() -> None:
+    """Steer a language model's decision points at decoding time: rollouts, head training, steered decoding."""
+
+
+main.add_command(info)

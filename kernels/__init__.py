@@ -1,0 +1,1 @@
+"""Triton kernels for the per-step decoding math (imported as `steer.kernels`)."""

@@ -1,0 +1,26 @@
+"""steer: the reasoning gains of RL without RL, by steering a language model's decision points at decoding time.
+
+Data flow: rollouts -> teacher-forced scores -> decision points (entropy > tau) -> correction head -> steered decoding.
+"""
+
+from steer.functional import entropy_topk, steer_logits
+from steer.generation import generate
+from steer.head import CorrectionHead, HeadConfig, HeadMismatchError
+from steer.processor import SteeringError, SteeringProcessor, SteeringStats
+from steer.reference import EntropyTopK, SteeredLogits
+from steer.version import __version__
+
+__all__ = [
+    "CorrectionHead",
+    "EntropyTopK",
+    "HeadConfig",
+    "HeadMismatchError",
+    "SteeredLogits",
+    "SteeringError",
+    "SteeringProcessor",
+    "SteeringStats",
+    "__version__",
+    "entropy_topk",
+    "generate",
+    "steer_logits",
+]

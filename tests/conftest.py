@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random causal LMs of many architectures, built from configs (no hub), and a local tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from steer.tokenizer import char_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB = 104  # the char tokenizer's size over printable ASCII
+COMMON = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+# name -> (config class, kwargs). Covers tied and untied output embeddings, soft-capped logits (Gemma-2), a logit
+# scale (Cohere, Granite), mixture-of-experts blocks (Mixtral, Qwen2-MoE), and learned or rotary positions.
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {**DECODER, "tie_word_embeddings": False}),
+    "gpt2": ("GPT2Config", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256}),
+    "gemma2": (
+        "Gemma2Config",
+        {**DECODER, "head_dim": 8, "final_logit_softcapping": 2.0, "attn_logit_softcapping": 50.0,
+         "sliding_window": 16, "query_pre_attn_scalar": 8},
+    ),
+    "cohere": ("CohereConfig", {**DECODER, "logit_scale": 0.25}),
+    "granite": ("GraniteConfig", {**DECODER, "logits_scaling": 4.0}),
+    "mixtral": ("MixtralConfig", {**DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {**DECODER, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+         "shared_expert_intermediate_size": 32},
+    ),
+    "qwen2": ("Qwen2Config", {**DECODER, "tie_word_embeddings": True}),
+    "phi3": ("Phi3Config", {**DECODER, "pad_token_id": 0}),
+    "gpt_neox": ("GPTNeoXConfig", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4}),
+    "opt": ("OPTConfig", {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "word_embed_proj_dim": 32}),
+}
+
+
+def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random model of architecture `name`, in eval mode."""
+    config_class, kwargs = ARCHITECTURES[name]
+    config = getattr(transformers, config_class)(**{**COMMON, **kwargs})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    tok = char_tokenizer()
+    assert len(tok) == VOCAB
+    return tok
+
+
+@pytest.fixture(params=sorted(ARCHITECTURES))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh random seed for each test, printed so that a failure can be replayed."""
+    value = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={value}")
+    torch.manual_seed(value)
+    return value
+
+
+@pytest.fixture(scope="session")
+def make_model():
+    """The factory `build_model(name, seed=0, dtype=torch.float32)` of tiny random models."""
+    return build_model
