@@ -13,7 +13,6 @@ Results go to benches/results/overhead-<model>-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from steer.cli.evaluate import evaluate_command
 from steer.cli.info import info
+from steer.cli.pipeline import rollout, score, train
 from steer.version import __version__
 
 
@@ -15,3 +17,7 @@ def main() -> None:
 
 
 main.add_command(info)
+main.add_command(rollout)
+main.add_command(score)
+main.add_command(train)
+main.add_command(evaluate_command)

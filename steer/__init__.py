@@ -5,7 +5,9 @@ Data flow: rollouts -> teacher-forced scores -> decision points (entropy > tau) 
 
 from steer.functional import entropy_topk, steer_logits
 from steer.generation import generate
+from steer.grading import answers_match, extract_answer, grade
 from steer.head import CorrectionHead, HeadConfig, HeadMismatchError
+from steer.problems import Problem, ProblemFileError, load_problems
 from steer.processor import SteeringError, SteeringProcessor, SteeringStats
 from steer.reference import EntropyTopK, SteeredLogits
 from steer.version import __version__
@@ -15,12 +17,18 @@ __all__ = [
     "EntropyTopK",
     "HeadConfig",
     "HeadMismatchError",
+    "Problem",
+    "ProblemFileError",
     "SteeredLogits",
     "SteeringError",
     "SteeringProcessor",
     "SteeringStats",
     "__version__",
+    "answers_match",
     "entropy_topk",
+    "extract_answer",
     "generate",
+    "grade",
+    "load_problems",
     "steer_logits",
 ]

@@ -2,4 +2,5 @@
 
 from steer.cli.main import main
 
-main(prog_name="steer")
+if __name__ == "__main__":
+    main(prog_name="steer")

@@ -131,7 +131,8 @@ def fingerprints_match(expected: list[float], actual: list[float]) -> bool:
 
 
 def _model_name(model: nn.Module) -> str | None:
-    return getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config_name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return getattr(model, "name_or_path", None) or config_name or None
 
 
 class CorrectionHead(

@@ -1,4 +1,4 @@
-"""PyTorch implementations of the per-step decoding math: the CPU path, and the reference the Triton kernel is tested against.
+"""The per-step decoding math in PyTorch: the CPU path, and the reference the Triton kernel is tested against.
 
 Two operations, both on a batch of next-token logits ``[B, V]``:
 

@@ -11,19 +11,21 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 DEFAULT_ALPHABET = string.printable
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<' + message['role'] + '>' + message['content'] + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}"
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
 
 def char_tokenizer(alphabet: str = DEFAULT_ALPHABET, model_max_length: int = 4096) -> PreTrainedTokenizerFast:
     """A fast tokenizer with one token per character of `alphabet`, left padding and a simple chat template.
 
-    Token ids: `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, then the characters of `alphabet` in order (duplicates
-    dropped). Characters outside the alphabet map to `<unk>`. It saves and loads with `save_pretrained` and
-    `AutoTokenizer.from_pretrained` like any other.
+    Token ids: `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, the role markers `<|system|>`, `<|user|>`,
+    `<|assistant|>` (one token each, used by the chat template), then the characters of `alphabet` in order
+    (duplicates dropped). Characters outside the alphabet map to `<unk>`. It saves and loads with
+    `save_pretrained` and `AutoTokenizer.from_pretrained` like any other.
 
     Args:
         alphabet (`str`, defaults to the printable ASCII characters): the characters to give a token each.
@@ -35,11 +37,11 @@ def char_tokenizer(alphabet: str = DEFAULT_ALPHABET, model_max_length: int = 409
     >>> from steer.tokenizer import char_tokenizer
     >>> tok = char_tokenizer("0123456789+=")
     >>> tok("12+3")["input_ids"]
-    [5, 6, 14, 7]
+    [8, 9, 17, 10]
     ```
     """
     chars = list(dict.fromkeys(alphabet))
-    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *chars])}
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *ROLE_TOKENS, *chars])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -52,4 +54,5 @@ def char_tokenizer(alphabet: str = DEFAULT_ALPHABET, model_max_length: int = 409
         padding_side="left",
         model_max_length=model_max_length,
         chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=list(ROLE_TOKENS),
     )

@@ -13,7 +13,7 @@ from steer.tokenizer import char_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-VOCAB = 104  # the char tokenizer's size over printable ASCII
+VOCAB = 107  # the char tokenizer's size over printable ASCII
 COMMON = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2)
 DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -79,3 +79,25 @@ def seed() -> int:
 def make_model():
     """The factory `build_model(name, seed=0, dtype=torch.float32)` of tiny random models."""
     return build_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A saved tiny Llama with the character tokenizer: a model folder like any other, loadable by path."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = build_model("llama", seed=3)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def arithmetic_file(tmp_path):
+    """A GSM8K-style JSONL file of 12 small problems."""
+    import json
+
+    path = tmp_path / "arithmetic.jsonl"
+    lines = [json.dumps({"question": f"What is {a} + {a + 1}?", "answer": f"Add them.\n#### {2 * a + 1}"})
+             for a in range(12)]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -36,7 +36,7 @@ def test_version():
 def test_info_json_reports_versions_and_device():
     result = CliRunner().invoke(main, ["info", "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["steer"] == __version__ and report["torch"] and report["device"]
 
 

@@ -15,7 +15,7 @@ from steer.head import embedding_fingerprint, fingerprints_match
 def test_for_model_records_what_it_was_made_for(make_model):
     model = make_model("llama")
     head = CorrectionHead.for_model(model, rank=4, top_k=3, tau=0.7)
-    assert (head.config.hidden_size, head.config.vocab_size) == (32, 104)
+    assert (head.config.hidden_size, head.config.vocab_size) == (32, model.config.vocab_size)
     assert (head.rank, head.top_k, head.tau) == (4, 3, 0.7)
     assert head.up.shape == head.down.shape == (32, 4)
     assert len(head.config.embedding_fingerprint) == 32
@@ -85,8 +85,10 @@ def test_head_for_another_model_is_refused(make_model):
     head.check_compatible(make_model("llama", seed=0))
     with pytest.raises(HeadMismatchError, match="different output embedding"):
         head.check_compatible(make_model("llama", seed=1))
-    with pytest.raises(HeadMismatchError, match="vocabulary 99.*has hidden size 32 and vocabulary 104"):
-        CorrectionHead(HeadConfig(hidden_size=32, vocab_size=99)).check_compatible(make_model("llama"))
+    model = make_model("llama")
+    expected = f"vocabulary 99.*has hidden size 32 and vocabulary {model.config.vocab_size}"
+    with pytest.raises(HeadMismatchError, match=expected):
+        CorrectionHead(HeadConfig(hidden_size=32, vocab_size=99)).check_compatible(model)
 
 
 def test_fingerprint_survives_a_change_of_precision_only(make_model):

@@ -1,0 +1,103 @@
+"""`steer eval`: decode benchmarks with the base model and, given a head, the steered model; grade and compare."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+
+from steer.cli.options import (
+    cpu_option,
+    data_options,
+    decoding_options,
+    emit,
+    json_option,
+    model_option,
+    reports_errors,
+)
+from steer.decoding import DecodingSettings
+from steer.distributed import current_workers
+from steer.evaluation import SUMMARY_FILE, EvalSettings, evaluate
+from steer.head import CorrectionHead
+from steer.models import load_model
+from steer.problems import load_problems
+
+LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def split_label(source: str) -> tuple[str, str]:
+    """`"name=path"` -> `("name", "path")`; a plain path or dataset name is labelled by its file stem or name."""
+    label, sep, rest = source.partition("=")
+    if sep and rest and LABEL.match(label):
+        return label, rest
+    return (Path(source).stem if Path(source).suffix else source.replace("/", "_")), source
+
+
+def results_table(summary: dict) -> list[str]:
+    """The summary as aligned text lines: one row per benchmark and arm, then the paired comparison."""
+    rows = [("benchmark", "arm", "problems", "accuracy", "95% interval", "pass@k", "gated", "changed")]
+    notes = []
+    for name, arms in summary["benchmarks"].items():
+        for arm in ("base", "steered"):
+            if arm not in arms:
+                continue
+            a = arms[arm]
+            low, high = a["interval_95"]
+            passes = " ".join(f"@{k}={v:.3f}" for k, v in a.get("pass_at_k", {}).items() if k != "1")
+            steered = arm == "steered"
+            rows.append((name, arm, str(a["problems"]), f"{a['accuracy']:.3f}", f"[{low:.3f}, {high:.3f}]",
+                         passes or "-", f"{a['gated_fraction']:.1%}" if steered else "-",
+                         f"{a['changed_fraction']:.1%}" if steered else "-"))
+        if "paired" in arms:
+            p = arms["paired"]
+            detail = f", {p['gained']} gained, {p['lost']} lost" if "gained" in p else ""
+            test = f"{p['test']} p = {p['p_value']:.3g}{detail}"
+            notes.append(f"{name}: steered - base = {p['difference']:+.3f} ({test})")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    run = summary["run"]
+    return [*lines, *notes, f"{run['new_tokens']} new tokens in {run['seconds']:.1f} s "
+            f"({run['tokens_per_second']:.1f} tokens/s, {run['processes']} process(es))"]
+
+
+@click.command("eval")
+@model_option
+@click.option("--data", "-d", "sources", multiple=True, required=True,
+              help="Benchmark file (JSONL, JSON, parquet) or dataset name; LABEL=PATH names it. Repeatable.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for predictions, summary.")
+@click.option("--head", help="Correction head folder (or Hub id): adds the steered arm.")
+@decoding_options(samples=1, max_new_tokens=4096, samples_help="Decodes per problem and arm.")
+@data_options
+@cpu_option
+@json_option
+@reports_errors
+def evaluate_command(model, sources, out, head, samples, temperature, top_p, max_new_tokens, batch_size, seed,
+                     instruction, question_field, answer_field, limit, cpu, as_json):
+    """Decode benchmarks with the base model and (with --head) the steered one, grade, and compare them.
+
+    Writes OUT/predictions.jsonl as it goes (an interrupted run resumes) and OUT/summary.json at the end. Under
+    `accelerate launch -m steer eval ...` the work is shared among processes and merged by the main one.
+    """
+    workers = current_workers(cpu)
+    benchmarks = {}
+    for source in sources:
+        label, path = split_label(source)
+        if label in benchmarks:
+            raise click.UsageError(f"two --data sources are labelled {label!r}; name them with LABEL=PATH")
+        benchmarks[label] = load_problems(path, question_field=question_field, answer_field=answer_field,
+                                          benchmark=label, limit=limit)
+    lm, tokenizer = load_model(model, device=workers.device)
+    steering = CorrectionHead.from_pretrained(head) if head else None
+    if steering is not None:
+        steering.check_compatible(lm)
+    settings = EvalSettings(
+        samples=samples,
+        decoding=DecodingSettings(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
+        batch_size=batch_size,
+        seed=seed,
+        instruction=instruction,
+    )
+    summary = evaluate(lm, tokenizer, benchmarks, out, settings, head=steering, workers=workers)
+    if workers.is_main:
+        emit({"out": out, **summary}, as_json, [*results_table(summary), f"-> {Path(out) / SUMMARY_FILE}"])

@@ -1,0 +1,146 @@
+"""Batched decoding of prompts, plain or steered, with per-sequence results: the engine behind rollouts and eval."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+
+from steer.head import CorrectionHead
+from steer.processor import SteeringProcessor
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One decoded sequence.
+
+    Attributes:
+        text (`str`): the generated text, special tokens removed.
+        token_ids (`list[int]`): the generated tokens, up to and including the end-of-sequence token if one came.
+        finish_reason (`str`): `"stop"` (an end-of-sequence token) or `"length"` (`max_new_tokens` reached).
+        gated (`int`), changed (`int`): steps of this sequence that the head adjusted, and those whose best
+            candidate it changed (0 without a head).
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    gated: int = 0
+    changed: int = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How to decode. `temperature=0` means greedy search.
+
+    Attributes:
+        temperature (`float`, defaults to 0.6), top_p (`float`, defaults to 0.95): sampling parameters.
+        max_new_tokens (`int`, defaults to 8192): the recipe's rollout budget.
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 8192
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature == 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, "temperature": None, "top_p": None,
+                    "top_k": None}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": None,
+                "max_new_tokens": self.max_new_tokens}
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A 63-bit seed that depends only on `seed` and `keys`, so a batch is sampled the same however work is split."""
+    digest = hashlib.sha256(repr((seed, keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def batches_by_length(items: Sequence[T], lengths: Sequence[int], batch_size: int) -> Iterator[list[T]]:
+    """Split `items` into batches of at most `batch_size`, longest first, so that each batch holds prompts of
+    similar length (little padding) and the largest batches come first (an out-of-memory error comes early)."""
+    order = sorted(range(len(items)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield [items[i] for i in order[start : start + batch_size]]
+
+
+def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def decode_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    settings: DecodingSettings,
+    seed: int,
+    head: CorrectionHead | None = None,
+) -> list[Completion]:
+    """Decode one batch of tokenised prompts (left-padded together), with `head` steering if given.
+
+    Args:
+        model (`PreTrainedModel`), tokenizer (`PreTrainedTokenizerBase`): the model and its tokenizer.
+        prompt_ids (`Sequence[Sequence[int]]`): one list of token ids per prompt.
+        settings ([`DecodingSettings`]): sampling or greedy, and the length budget.
+        seed (`int`): seeds torch's generator just before decoding, so the same batch decodes the same way twice
+            (the base and steered arms of an evaluation share their random draws).
+        head ([`CorrectionHead`], *optional*): steer with this head.
+
+    Returns:
+        `list[Completion]`, in the order of `prompt_ids`.
+    """
+    batch = tokenizer.pad({"input_ids": [list(ids) for ids in prompt_ids]}, padding=True, return_tensors="pt")
+    batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+    kwargs = {**batch, **settings.generate_kwargs(), "pad_token_id": tokenizer.pad_token_id}
+    steering = SteeringProcessor(model, head, record_rows=True) if head is not None else None
+    try:
+        torch.manual_seed(seed)
+        if steering is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([steering])
+        with torch.inference_mode():
+            output = model.generate(**kwargs)
+        gated, changed = steering.row_masks() if steering is not None else (None, None)
+    finally:
+        if steering is not None:
+            steering.close()
+    generated = output[:, batch["input_ids"].shape[1] :].tolist()
+    stop_ids = _stop_ids(model, tokenizer)
+    return [
+        _completion(tokenizer, row, stop_ids, gated, changed, index)
+        for index, row in enumerate(generated)
+    ]
+
+
+def _completion(
+    tokenizer: PreTrainedTokenizerBase,
+    row: list[int],
+    stop_ids: set[int],
+    gated: torch.Tensor | None,
+    changed: torch.Tensor | None,
+    index: int,
+) -> Completion:
+    stop = next((position for position, token in enumerate(row) if token in stop_ids), None)
+    token_ids = row if stop is None else row[: stop + 1]
+    finish_reason = "stop" if stop is not None else "length"
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    if gated is None:
+        return Completion(text, token_ids, finish_reason)
+    steps = len(token_ids)
+    return Completion(
+        text, token_ids, finish_reason, int(gated[index, :steps].sum()), int(changed[index, :steps].sum())
+    )
+

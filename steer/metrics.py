@@ -1,0 +1,85 @@
+"""Scoring a benchmark run: accuracy with intervals, the unbiased pass@k, and paired tests of steered against base.
+
+All functions take per-problem counts or scores, so they serve one sample per problem (pass@1) and several
+(avg@n, pass@k) alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from statistics import NormalDist
+
+import numpy as np
+
+
+def pass_at_k(samples: int, correct: int, k: int) -> float:
+    """The unbiased estimator of pass@k from `samples` draws of which `correct` were right:
+    `1 - C(samples - correct, k) / C(samples, k)` (Chen et al., 2021).
+
+    Example:
+
+    ```python
+    >>> pass_at_k(samples=4, correct=1, k=2)  # 3 of the 6 pairs contain the correct draw
+    0.5
+    ```
+    """
+    if not 0 <= correct <= samples or not 1 <= k <= samples:
+        raise ValueError(f"need 0 <= correct <= samples and 1 <= k <= samples; got {correct=}, {samples=}, {k=}")
+    if samples - correct < k:
+        return 1.0
+    return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
+
+
+def bootstrap_interval(
+    scores: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-problem `scores` (resampling problems), seeded."""
+    values = np.asarray(scores, dtype=float)
+    if len(values) == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    return (float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)))
+
+
+def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (good at small counts and near 0 or 1)."""
+    if trials == 0:
+        return (math.nan, math.nan)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar(base: Sequence[bool], steered: Sequence[bool]) -> dict[str, float]:
+    """Exact McNemar test on paired outcomes: of the discordant pairs, `gained` (steered right, base wrong) and
+    `lost` (the reverse); the two-sided p-value of the binomial test that both are equally likely."""
+    if len(base) != len(steered):
+        raise ValueError(f"paired outcomes differ in length: {len(base)} and {len(steered)}")
+    gained = sum(1 for b, s in zip(base, steered) if s and not b)
+    lost = sum(1 for b, s in zip(base, steered) if b and not s)
+    n = gained + lost
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n if n else 1.0
+    return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail)}
+
+
+def paired_permutation(
+    base: Sequence[float], steered: Sequence[float], resamples: int = 10_000, seed: int = 0
+) -> dict[str, float]:
+    """Sign-flip permutation test of the mean per-problem difference `steered - base` (for scores in [0, 1] such
+    as avg@n): two-sided p-value, exact for up to 16 differing problems, else Monte Carlo with `resamples`."""
+    differences = np.asarray(steered, dtype=float) - np.asarray(base, dtype=float)
+    observed = abs(differences.mean()) if len(differences) else 0.0
+    nonzero = differences[differences != 0]
+    if len(nonzero) == 0:
+        return {"difference": 0.0, "p_value": 1.0}
+    if len(nonzero) <= 16:
+        signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * len(nonzero))).reshape(len(nonzero), -1).T
+    else:
+        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(resamples, len(nonzero)))
+    means = np.abs((signs * nonzero).sum(axis=1) / len(differences))
+    return {"difference": float(differences.mean()), "p_value": float((means >= observed - 1e-12).mean())}

@@ -1,0 +1,263 @@
+"""Step 2 of the method: one teacher-forced pass of the base model over every rollout.
+
+For each generated position it records the entropy of the base distribution (float32, nats, full vocabulary), and
+at positions whose entropy exceeds a storage floor (set below any tau you will try) the features head training
+needs: the top-k candidate ids and log-probabilities, the sampled token and its log-probability, and the final
+hidden state (float16). So decision points can be re-gated at any tau above the floor without running the model again.
+
+Layout, under `DIR/scores/`:
+
+- `settings.json`: the model and scoring settings (a resumed run must use the same);
+- `model.json`: the fingerprint of the model's output embedding, checked when a head is trained on these scores;
+- `shard-*.safetensors`: tensors for a group of rollouts (see [`SHARD_TENSORS`]);
+- `shards.jsonl`: the index, one line per shard: its file, and for each of its rollouts the key, the number of
+  tokens, the mean entropy and the fraction of positions above `report_tau` (1.4 nats by default).
+
+Shards are written atomically and indexed after they are complete, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from steer.distributed import Workers, merge_parts, open_store
+from steer.functional import entropy_topk
+from steer.head import embedding_fingerprint, output_embedding
+from steer.progress import ThroughputBar
+from steer.rollout import KEY, ROLLOUTS_FILE
+from steer.store import atomic_write_json, check_settings, read_jsonl
+
+SCORES_DIR = "scores"
+INDEX_FILE = "shards.jsonl"
+MODEL_FILE = "model.json"
+SHARD_TENSORS = {
+    "entropy": "[tokens] float32: entropy at every generated position, rollouts concatenated",
+    "offsets": "[rollouts + 1] int64: where each rollout's positions start in `entropy`",
+    "point_rollout": "[points] int64: the rollout (index within the shard) of each stored position",
+    "point_position": "[points] int64: the position within the rollout's completion",
+    "point_entropy": "[points] float32",
+    "point_topk_ids": "[points, top_k] int64: base candidates, best first",
+    "point_topk_logprobs": "[points, top_k] float32",
+    "point_token": "[points] int64: the token the rollout took",
+    "point_token_logprob": "[points] float32",
+    "point_hidden": "[points, hidden_size] float16: the final hidden state the logits came from",
+}
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How rollouts are scored.
+
+    Attributes:
+        floor (`float`, defaults to 0.5): store features at positions with entropy above this (nats).
+        top_k (`int`, defaults to 16): candidates stored per position (at least the head's `top_k`).
+        max_batch_tokens (`int`, defaults to 4096): tokens (padding included) per forward pass.
+        shard_rollouts (`int`, defaults to 256): rollouts per shard file.
+        report_tau (`float`, defaults to 1.4): the threshold whose per-rollout share of positions is recorded.
+    """
+
+    floor: float = 0.5
+    top_k: int = 16
+    max_batch_tokens: int = 4096
+    shard_rollouts: int = 256
+    report_tau: float = 1.4
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    """What a scoring run did: `scored` rollouts and their `tokens` this run, `points` stored, in `seconds`;
+    `above_tau` is the share of all scored positions (the whole index) whose entropy exceeded `report_tau`."""
+
+    scores_dir: Path
+    scored: int
+    tokens: int
+    points: int
+    seconds: float
+    above_tau: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+@contextmanager
+def lm_head_inputs(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
+    """Collect the inputs of the model's output embedding (the final hidden states) during the `with` block."""
+    captured: list[torch.Tensor] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, out: captured.append(args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def score_rollouts(
+    model: PreTrainedModel,
+    rollouts_dir: str | os.PathLike,
+    settings: ScoreSettings = ScoreSettings(),
+    *,
+    workers: Workers = Workers(),
+    progress: bool = True,
+) -> ScoreSummary:
+    """Score every rollout of `rollouts_dir/rollouts.jsonl` not scored yet, writing shards to `rollouts_dir/scores`.
+
+    Args:
+        model (`PreTrainedModel`): the base model the rollouts came from.
+        rollouts_dir (`str` or `os.PathLike`): a folder written by [`run_rollouts`].
+        settings ([`ScoreSettings`]): storage floor, candidates kept, batch size.
+        workers ([`Workers`], *optional*): this process's share when several run the job (`accelerate launch`).
+        progress (`bool`, defaults to `True`): show a progress bar with tokens per second.
+
+    Returns:
+        [`ScoreSummary`].
+    """
+    rollouts_dir = Path(rollouts_dir)
+    scores_dir = rollouts_dir / SCORES_DIR
+    rollouts = list(read_jsonl(rollouts_dir / ROLLOUTS_FILE, (*KEY, "prompt_ids", "completion_ids")))
+    if any(not r["prompt_ids"] for r in rollouts):
+        raise ValueError(f"{rollouts_dir / ROLLOUTS_FILE}: a rollout has an empty prompt (no logits predict its start)")
+    if workers.is_main:
+        check_settings(scores_dir / "settings.json", score_settings_record(model, settings))
+        fingerprint = embedding_fingerprint(output_embedding(model))
+        atomic_write_json(scores_dir / MODEL_FILE, {"embedding_fingerprint": fingerprint})
+    index, shards = open_store(scores_dir / INDEX_FILE, ("file",), workers)
+    done = {tuple(r["key"]) for shard in shards for r in shard["rollouts"]}
+    pending = [r for r in workers.share(rollouts) if (r["problem_id"], r["sample"]) not in done]
+    points = 0
+    bar = ThroughputBar(len(pending), "scoring", "rollout", progress and workers.is_main)
+    for group in _chunks(sorted(pending, key=_length), settings.shard_rollouts):
+        shard = _score_group(model, group, settings)
+        record = _write_shard(scores_dir, workers.rank, group, shard, settings)
+        index.append(record)
+        points += shard["point_token"].numel()
+        bar.advance(len(group), shard["entropy"].numel())
+    bar.close()
+    merge_parts(scores_dir / INDEX_FILE, ("file",), workers)
+    stats = [r for shard in read_jsonl(scores_dir / INDEX_FILE) for r in shard["rollouts"]] if workers.is_main else []
+    total = sum(r["num_tokens"] for r in stats)
+    return ScoreSummary(
+        scores_dir=scores_dir,
+        scored=len(pending),
+        tokens=bar.tokens,
+        points=points,
+        seconds=bar.seconds,
+        above_tau=sum(r["above_tau"] * r["num_tokens"] for r in stats) / total if total else 0.0,
+    )
+
+
+def score_settings_record(model: PreTrainedModel, settings: ScoreSettings) -> dict:
+    """The settings a scores folder is bound to (the batch size and shard size do not change the results)."""
+    return {
+        "model": model.name_or_path,
+        "floor": settings.floor,
+        "top_k": settings.top_k,
+        "report_tau": settings.report_tau,
+    }
+
+
+def _length(rollout: dict) -> int:
+    return len(rollout["prompt_ids"]) + len(rollout["completion_ids"])
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def _batches(group: list[dict], max_tokens: int) -> Iterator[list[int]]:
+    """Indices into `group` (sorted by increasing length) for forward passes of at most `max_tokens` padded tokens
+    (a rollout longer than that gets a pass of its own)."""
+    batch: list[int] = []
+    for index in range(len(group)):
+        if batch and (len(batch) + 1) * _length(group[index]) > max_tokens:
+            yield batch
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch
+
+
+def _score_group(model: PreTrainedModel, group: list[dict], settings: ScoreSettings) -> dict[str, torch.Tensor]:
+    """The tensors of one shard (see [`SHARD_TENSORS`]) for `group`."""
+    entropies: list[torch.Tensor | None] = [None] * len(group)
+    parts: list[dict[str, torch.Tensor]] = []
+    for batch in _batches(group, settings.max_batch_tokens):
+        for index, scored in zip(batch, _score_batch(model, [group[i] for i in batch], settings)):
+            entropies[index] = scored.pop("entropy")
+            scored["point_rollout"] = torch.full_like(scored["point_token"], index)
+            parts.append(scored)
+    lengths = torch.tensor([0] + [e.numel() for e in entropies])
+    shard = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    return {"entropy": torch.cat(entropies), "offsets": lengths.cumsum(0), **shard}
+
+
+def _score_batch(model: PreTrainedModel, rollouts: list[dict], settings: ScoreSettings) -> list[dict]:
+    """Teacher-force one right-padded batch; per rollout, its entropies and the features of its stored points."""
+    sequences = [r["prompt_ids"] + r["completion_ids"] for r in rollouts]
+    width = max(map(len, sequences))
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    with torch.inference_mode(), lm_head_inputs(model) as hidden_states:
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+    hidden = hidden_states[-1]
+    results = []
+    for row, rollout in enumerate(rollouts):
+        start = len(rollout["prompt_ids"]) - 1  # logits at position t predict token t + 1
+        positions = slice(start, start + len(rollout["completion_ids"]))
+        targets = torch.tensor(rollout["completion_ids"], device=logits.device)
+        results.append(_features(logits[row, positions], hidden[row, positions], targets, settings))
+    return results
+
+
+def _features(
+    logits: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, settings: ScoreSettings
+) -> dict[str, torch.Tensor]:
+    k = min(settings.top_k, logits.shape[-1])
+    entropy, values, indices = entropy_topk(logits, k)
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    token_logprob = logits.float().gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    keep = entropy > settings.floor
+    return {
+        "entropy": entropy.cpu(),
+        "point_position": keep.nonzero().squeeze(-1).cpu(),
+        "point_entropy": entropy[keep].cpu(),
+        "point_topk_ids": indices[keep].cpu(),
+        "point_topk_logprobs": (values - lse.unsqueeze(-1))[keep].cpu(),
+        "point_token": targets[keep].cpu(),
+        "point_token_logprob": token_logprob[keep].cpu(),
+        "point_hidden": hidden[keep].to(torch.float16).cpu(),
+    }
+
+
+def _write_shard(
+    scores_dir: Path, rank: int, group: list[dict], shard: dict[str, torch.Tensor], settings: ScoreSettings
+) -> dict:
+    """Save the shard atomically and return its index record."""
+    name = f"shard-{rank:03d}-{uuid.uuid4().hex[:12]}.safetensors"
+    tmp = scores_dir / f".{name}.tmp"
+    save_file({key: tensor.contiguous() for key, tensor in shard.items()}, str(tmp))
+    os.replace(tmp, scores_dir / name)
+    offsets = shard["offsets"].tolist()
+    rollouts = []
+    for index, rollout in enumerate(group):
+        entropy = shard["entropy"][offsets[index] : offsets[index + 1]]
+        rollouts.append({
+            "key": [rollout["problem_id"], rollout["sample"]],
+            "num_tokens": entropy.numel(),
+            "mean_entropy": float(entropy.mean()) if entropy.numel() else 0.0,
+            "above_tau": float((entropy > settings.report_tau).float().mean()) if entropy.numel() else 0.0,
+            "points": int((shard["point_rollout"] == index).sum()),
+        })
+    return {"file": name, "rollouts": rollouts}
