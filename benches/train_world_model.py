@@ -1,6 +1,6 @@
 """Train the built-in world's base model: a small Llama that reads and writes characters (see `steer/world.py`).
 
-    python benches/train_world_model.py                 # writes steer/assets/world-model (about an hour on 2 cores)
+    python benches/train_world_model.py                 # writes steer/assets/world-model (about 27 minutes on 2 cores)
     python benches/train_world_model.py --steps 200 --out /tmp/m   # a quick smoke run
 
 Seeded and reproducible on the same machine and library versions. It trains on freshly drawn training problems
@@ -107,7 +107,7 @@ def _entropy_share(model, prompts, completions, tau: float) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from steer.cli.demo import demo
 from steer.cli.evaluate import evaluate_command
 from steer.cli.info import info
 from steer.cli.pipeline import rollout, score, train
@@ -16,6 +17,7 @@ def main() -> None:
     """Steer a language model's decision points at decoding time: rollouts, head training, steered decoding."""
 
 
+main.add_command(demo)
 main.add_command(info)
 main.add_command(rollout)
 main.add_command(score)

@@ -19,7 +19,7 @@ from steer.models import load_model
 from steer.problems import load_problems
 from steer.rollout import RolloutSettings, run_rollouts
 from steer.scoring import ScoreSettings, score_rollouts
-from steer.training import TrainSettings, train_head
+from steer.training import OBJECTIVES, TrainSettings, train_head
 
 
 @click.command()
@@ -99,19 +99,21 @@ def score(model, rollouts, floor, top_k, max_batch_tokens, cpu, as_json):
 @click.option("--pool-problems", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--keep-shortest", default=0.8, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--kl-weight", default=0.2, show_default=True, type=click.FloatRange(min=0))
+@click.option("--objective", default="unlikelihood", show_default=True, type=click.Choice(OBJECTIVES),
+              help="How worse-than-average choices are pushed down: bounded (unlikelihood) or the paper's loss.")
 @click.option("--lr", default=3e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--steps", default=150, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=int)
 @cpu_option
 @json_option
 @reports_errors
-def train(model, rollouts, out, tau, tau_quantile, top_k, rank, pool_problems, keep_shortest, kl_weight, lr, steps,
-          seed, cpu, as_json):
+def train(model, rollouts, out, tau, tau_quantile, top_k, rank, pool_problems, keep_shortest, kl_weight, objective, lr,
+          steps, seed, cpu, as_json):
     """Train a correction head on the scored rollouts (no model forward passes) and save it to OUT."""
     lm, _ = load_model(model, device=current_workers(cpu).device)
     settings = TrainSettings(
         tau=tau, tau_quantile=tau_quantile, top_k=top_k, rank=rank, pool_problems=pool_problems,
-        keep_shortest=keep_shortest, kl_weight=kl_weight, lr=lr, steps=steps, seed=seed,
+        keep_shortest=keep_shortest, kl_weight=kl_weight, objective=objective, lr=lr, steps=steps, seed=seed,
     )
     result = train_head(lm, rollouts, settings)
     result.save(out)

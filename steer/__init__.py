@@ -3,6 +3,7 @@
 Data flow: rollouts -> teacher-forced scores -> decision points (entropy > tau) -> correction head -> steered decoding.
 """
 
+from steer.demo import DemoResult, DemoSettings, run_demo
 from steer.functional import entropy_topk, steer_logits
 from steer.generation import generate
 from steer.grading import answers_match, extract_answer, grade
@@ -11,9 +12,12 @@ from steer.problems import Problem, ProblemFileError, load_problems
 from steer.processor import SteeringError, SteeringProcessor, SteeringStats
 from steer.reference import EntropyTopK, SteeredLogits
 from steer.version import __version__
+from steer.world import model_path as world_model
 
 __all__ = [
     "CorrectionHead",
+    "DemoResult",
+    "DemoSettings",
     "EntropyTopK",
     "HeadConfig",
     "HeadMismatchError",
@@ -30,5 +34,7 @@ __all__ = [
     "generate",
     "grade",
     "load_problems",
+    "run_demo",
     "steer_logits",
+    "world_model",
 ]

@@ -3,11 +3,19 @@
 At each decision point t (base entropy > tau) of a pool rollout with advantage A, the candidate set C is the base
 top-k plus the token the rollout took, y_t, if it is outside. The head adds `delta_j` to the top-k candidates (as
 it will when decoding; a y_t outside the top-k is not adjusted, only renormalised against), giving the steered
-candidate distribution q over C; p is the base distribution over C. The loss is
+candidate distribution q over C; p is the base distribution over C. The recipe's loss (`objective="recipe"`) is
 
     mean_t [ -A log q(y_t) ] + kl_weight * mean_t KL(p || q)
 
 so choices of better-than-average rollouts are pushed up, those of worse ones down, and the anchor keeps q near p.
+Its push-down term has no floor (log q -> -inf), so a head can grow without bound chasing it. The default
+(`objective="unlikelihood"`) pushes worse-than-average choices down through log(1 - q(y_t)) instead, which stops
+at q = 0:
+
+    mean_t [ -A log q(y_t)  if A >= 0  else  A log(1 - q(y_t)) ] + kl_weight * mean_t KL(p || q)
+
+The checkpoint kept is the one with the best held-out `gain`, mean_t A (q(y_t) / p(y_t) - 1): a bounded,
+importance-weighted estimate of how much more often the steered model would make the better-than-average choices.
 Training reads the cached features of `steer score`; it never runs the model.
 """
 
@@ -33,6 +41,7 @@ from steer.store import atomic_write_json
 from steer.version import __version__
 
 TRAINING_FILE = "training.json"
+OBJECTIVES = ("unlikelihood", "recipe")
 MASKED = -1e9  # log-probability of an empty candidate slot: exp underflows to 0 without producing NaN
 
 
@@ -53,6 +62,7 @@ class TrainSettings:
             rollouts_per_step (`int`, defaults to 8), grad_clip (`float`, defaults to 1.0): AdamW schedule.
         heldout_fraction (`float`, defaults to 0.2): share of pool problems held out to choose the checkpoint.
         eval_every (`int`, defaults to 10): steps between held-out evaluations.
+        objective (`str`, defaults to `"unlikelihood"`): `"unlikelihood"` or the paper's `"recipe"` (module docstring).
         seed (`int`, defaults to 0).
     """
 
@@ -71,7 +81,12 @@ class TrainSettings:
     grad_clip: float = 1.0
     heldout_fraction: float = 0.2
     eval_every: int = 10
+    objective: str = "unlikelihood"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
 
 
 @dataclass
@@ -133,22 +148,28 @@ def decision_batch(features: Features, advantages: dict[Key, float], tau: float,
 
 
 def contrastive_loss(
-    head: CorrectionHead, batch: DecisionBatch, embedding: torch.Tensor, kl_weight: float
+    head: CorrectionHead, batch: DecisionBatch, embedding: torch.Tensor, kl_weight: float,
+    objective: str = "unlikelihood",
 ) -> dict[str, torch.Tensor]:
-    """The advantage-weighted contrastive loss (module docstring) and its parts, plus the held-out gain
-    `mean A (log q(y) - log p(y))`, an offline estimate of the head's improvement (higher is better)."""
+    """The advantage-weighted contrastive loss (module docstring; `objective` is "unlikelihood" or "recipe") and its
+    parts, plus the gain `mean A (q(y) / p(y) - 1)`, an offline estimate of the head's improvement (higher is
+    better)."""
     delta = head(batch.hidden, embedding[batch.ids]) * batch.steerable
     log_q = torch.log_softmax(batch.base + delta, dim=-1)
     log_p = torch.log_softmax(batch.base, dim=-1)
     chosen_q = log_q.gather(-1, batch.target.unsqueeze(-1)).squeeze(-1)
     chosen_p = log_p.gather(-1, batch.target.unsqueeze(-1)).squeeze(-1)
-    policy = -(batch.advantage * chosen_q).mean()
+    if objective == "recipe":
+        policy = -(batch.advantage * chosen_q).mean()
+    else:  # pushing a worse-than-average choice down stops at zero probability instead of at log 0 = -inf
+        not_chosen = torch.log(-torch.expm1(chosen_q.clamp(max=-1e-6)))
+        policy = torch.where(batch.advantage >= 0, -batch.advantage * chosen_q, batch.advantage * not_chosen).mean()
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
     return {
         "loss": policy + kl_weight * kl,
         "policy": policy,
         "kl": kl,
-        "gain": (batch.advantage * (chosen_q - chosen_p)).mean(),
+        "gain": (batch.advantage * torch.expm1(chosen_q - chosen_p)).mean(),
     }
 
 
@@ -290,7 +311,7 @@ def fit_head(
     for step in tqdm(range(1, settings.steps + 1), disable=not progress, desc="training", unit="step"):
         chosen = rollouts[torch.randperm(len(rollouts), generator=generator)[: settings.rollouts_per_step]]
         batch = train.select(torch.isin(train.rollout, chosen.to(train.rollout.device)))
-        parts = contrastive_loss(head, batch, embedding, settings.kl_weight)
+        parts = contrastive_loss(head, batch, embedding, settings.kl_weight, settings.objective)
         optimiser.zero_grad()
         parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), settings.grad_clip)
@@ -299,7 +320,7 @@ def fit_head(
         values = {name: float(value.detach()) for name, value in parts.items()}
         curve.append({"step": step, "lr": scheduler.get_last_lr()[0], **values})
         if len(heldout) and (step % settings.eval_every == 0 or step == settings.steps):
-            evaluation = _evaluate(head, heldout, embedding, settings.kl_weight)
+            evaluation = _evaluate(head, heldout, embedding, settings)
             evaluations.append({"step": step, **evaluation})
             if evaluation["gain"] > best["gain"]:
                 best = {"step": step, "gain": evaluation["gain"], "state": copy.deepcopy(head.state_dict())}
@@ -311,8 +332,9 @@ def fit_head(
 
 
 @torch.no_grad()
-def _evaluate(head: CorrectionHead, heldout: DecisionBatch, embedding: torch.Tensor, kl_weight: float) -> dict:
-    return {k: float(v) for k, v in contrastive_loss(head, heldout, embedding, kl_weight).items()}
+def _evaluate(head: CorrectionHead, heldout: DecisionBatch, embedding: torch.Tensor, settings: TrainSettings) -> dict:
+    parts = contrastive_loss(head, heldout, embedding, settings.kl_weight, settings.objective)
+    return {name: float(value) for name, value in parts.items()}
 
 
 def _fingerprint_data(rollouts_dir: Path) -> dict:

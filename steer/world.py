@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ SLOPPY_WEIGHT = 0.55
 TEST_SHARE = 0.2
 ALPHABET = "0123456789<>.,:? {}\\abcdefghijklmnopqrstuvwxyzW"
 INSTRUCTION = ""  # the world's model was trained on bare questions
+MODEL_DIR = Path(__file__).resolve().parent / "assets" / "world-model"
 
 
 @dataclass(frozen=True)
@@ -91,16 +91,24 @@ def problems(split: str, count: int, seed: int = 0) -> list[WorldProblem]:
     return found
 
 
-def corpus(count: int, seed: int = 0) -> Iterator[tuple[str, str]]:
-    """`count` (question, solution) pairs of training problems, with the mixed-writer solutions."""
-    rng = random.Random(f"corpus-{seed}")
-    for problem in problems("train", count, seed):
-        yield problem.question, solution(problem, rng)
-
-
 def write_benchmark(path: str | os.PathLike, split: str = "test", count: int = 500, seed: int = 0) -> Path:
     """Write `count` problems of `split` as a JSONL benchmark (`id`, `question`, `answer`) that `load_problems`,
     `steer rollout` and `steer eval` read like any other."""
     records = [{"id": p.id, "question": p.question, "answer": str(p.answer)} for p in problems(split, count, seed)]
     atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
     return Path(path)
+
+
+def model_path() -> Path:
+    """The folder of the world's base model, shipped inside the package: a Llama (0.86M parameters) and its
+    character tokenizer, trained by `benches/train_world_model.py`. Load it like any model:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> model = AutoModelForCausalLM.from_pretrained(model_path())
+    >>> tokenizer = AutoTokenizer.from_pretrained(model_path())
+    ```
+    """
+    if not (MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"the built-in model is missing from {MODEL_DIR}; reinstall steer-lm")
+    return MODEL_DIR

@@ -7,7 +7,16 @@ import torch
 
 from steer import CorrectionHead, HeadConfig
 from steer.pool import Features, NoContrastError, select_pool
-from steer.training import TrainSettings, _schedule, decision_batch, fit_head
+from steer.training import (
+    MASKED,
+    OBJECTIVES,
+    DecisionBatch,
+    TrainSettings,
+    _schedule,
+    contrastive_loss,
+    decision_batch,
+    fit_head,
+)
 
 HIDDEN, VOCAB, K, SAMPLES = 8, 12, 4, 8
 
@@ -118,3 +127,47 @@ def test_learning_rate_schedule_warms_up_then_decays_to_zero():
     assert factors[:4] == sorted(factors[:4]) and factors[4] == 1.0
     assert factors[4:] == sorted(factors[4:], reverse=True) and factors[-1] > 0
     assert _schedule(10, settings) == 0.0
+
+
+def loss_parts(shift: float, advantage: float, objective: str = "unlikelihood") -> dict[str, float]:
+    """The loss at one decision point with two equally likely top-k candidates, of which the rollout took the first,
+    when the head adds `shift` to the first and `-shift` to the second."""
+    batch = DecisionBatch(
+        hidden=torch.zeros(1, HIDDEN), ids=torch.tensor([[0, 1, 0]]), base=torch.tensor([[-0.7, -0.7, MASKED]]),
+        steerable=torch.tensor([[True, True, False]]), target=torch.tensor([0]), advantage=torch.tensor([advantage]),
+        rollout=torch.tensor([0]),
+    )
+
+    def head(hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([[shift, -shift, 0.0]])
+
+    parts = contrastive_loss(head, batch, torch.zeros(VOCAB, HIDDEN), 0.0, objective)
+    return {name: float(value) for name, value in parts.items()}
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_losses_push_choices_the_way_their_advantage_says(objective, advantage):
+    """A positive advantage lowers the loss as the chosen candidate gains; a negative one as it loses."""
+    losses = [loss_parts(advantage * shift, advantage, objective)["loss"] for shift in (1.0, 0.0, -1.0)]
+    assert losses[0] < losses[1] < losses[2]
+
+
+def test_unlikelihood_push_down_is_bounded_where_the_recipe_is_not():
+    """Pushing a worse-than-average choice to probability 0 costs the recipe's loss -inf (it never stops), the
+    unlikelihood loss approaches its floor of 0 (it stops)."""
+    recipe, unlikelihood = ([loss_parts(-shift, -1.0, objective)["loss"] for shift in (5.0, 20.0, 80.0)]
+                            for objective in ("recipe", "unlikelihood"))
+    assert recipe[0] > recipe[1] > recipe[2] and recipe[2] < -100  # keeps falling, linearly in the shift
+    assert all(0 <= value < 1e-3 for value in unlikelihood) and unlikelihood[0] > unlikelihood[2]
+
+
+def test_gain_is_bounded_and_signed():
+    """The held-out gain A (q/p - 1) is positive when the head favours a rewarded choice, at most A (1/p - 1)."""
+    gains = [loss_parts(shift, 1.0)["gain"] for shift in (-3.0, 0.0, 3.0, 50.0)]
+    assert gains[0] < 0 == gains[1] < gains[2] < gains[3] <= 1.0 + 1e-6
+
+
+def test_unknown_objective_is_refused():
+    with pytest.raises(ValueError, match="objective must be one of unlikelihood, recipe; got 'ppo'"):
+        TrainSettings(objective="ppo")

@@ -1,0 +1,67 @@
+"""`steer demo`: the whole method in one command, on the built-in world or on a given model and benchmark."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+from steer.cli.options import emit, json_option, reports_errors
+from steer.demo import RESULT_FILE, DemoResult, DemoSettings, run_demo
+
+
+def result_lines(result: DemoResult) -> list[str]:
+    """The demo's outcome as text: the accuracy table, the paired test, and where the files went."""
+    paired = result.paired_test
+    return [
+        f"held-out problems: {result.test_problems}    tau = {result.tau:.3f} nats",
+        f"  base     accuracy {result.base_accuracy:.3f}",
+        f"  steered  accuracy {result.steered_accuracy:.3f}   "
+        f"({result.steered_accuracy - result.base_accuracy:+.3f}, {paired['test']} p = {paired['p_value']:.3g})",
+        f"  steering gated {result.gated_fraction:.1%} of decoding steps and changed the top-1 at "
+        f"{result.changed_fraction:.1%}",
+        f"{result.seconds:.0f} s; head -> {result.head}, everything -> {result.out_dir / RESULT_FILE}",
+    ]
+
+
+def default_out_dir(model: str | None, seed: int) -> Path:
+    """`steer-demo/world-seed-0` for the built-in world, `steer-demo/<model's last path part>-seed-0` otherwise."""
+    name = "world" if model is None else Path(model.rstrip("/")).name
+    return Path("steer-demo") / f"{name}-seed-{seed}"
+
+
+@click.command()
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the problems, sampling and training.")
+@click.option("--out", "-o", type=click.Path(file_okay=False),
+              help="Folder for rollouts, scores, the head and the evaluation (default: steer-demo/RUN, RUN naming the "
+              "model and seed).")
+@click.option("--model", "-m", help="Model folder or Hugging Face id (default: the built-in world's model).")
+@click.option("--data", "-d", help="Benchmark to learn from and test on (needed with --model).")
+@click.option("--train-problems", type=click.IntRange(min=1), help="Training problems (default: 200).")
+@click.option("--test-problems", type=click.IntRange(min=1), help="Held-out test problems (default: 200).")
+@click.option("--samples", type=click.IntRange(min=1), help="Rollouts per training problem (default: 16 on the "
+              "world, 8 otherwise).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Per completion (default: 80 on the world, "
+              "512 otherwise).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@json_option
+@reports_errors
+def demo(seed, out, model, data, train_problems, test_problems, samples, max_new_tokens, quiet, as_json):
+    """Run the method end to end: rollouts on training problems, scoring, head training, and base against steered
+    on held-out problems.
+
+    With no options it uses the built-in reasoning world and its shipped model (a few minutes on a laptop CPU).
+    With --model and --data it splits the benchmark into training and held-out problems and runs the same loop.
+    Files go to OUT: rollouts/, head/, eval/ and demo.json. A finished step is not redone when run again.
+    """
+    overrides = {name: value for name, value in [
+        ("seed", seed), ("train_problems", train_problems), ("test_problems", test_problems), ("samples", samples),
+        ("max_new_tokens", max_new_tokens)] if value is not None}
+    if model is None:
+        settings = dataclasses.replace(DemoSettings(), **overrides)
+    else:
+        settings = DemoSettings.for_model(**overrides)
+    out = out or default_out_dir(model, seed)
+    result = run_demo(out, model, data, settings, progress=not quiet)
+    emit(result, as_json, result_lines(result))
