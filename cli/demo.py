@@ -1,4 +1,5 @@
-"""`steer demo`: the whole method in one command, on the built-in world or on a given model and benchmark."""
+"""`steer demo`: the whole method in one command, on the built-in world or on a given model and benchmark; and
+`steer world`, which exports the built-in world's problems."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from steer import world
 from steer.cli.options import emit, json_option, reports_errors
 from steer.demo import RESULT_FILE, DemoResult, DemoSettings, run_demo
 
@@ -65,3 +67,17 @@ def demo(seed, out, model, data, train_problems, test_problems, samples, max_new
     out = out or default_out_dir(model, seed)
     result = run_demo(out, model, data, settings, progress=not quiet)
     emit(result, as_json, result_lines(result))
+
+
+@click.command("world")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
+@click.option("--count", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@json_option
+def world_command(out, split, count, seed, as_json):
+    """Write problems of the built-in reasoning world as a JSONL benchmark (id, question, answer) that `steer
+    rollout` and `steer eval` read like any other, and show where its base model is."""
+    path = world.write_benchmark(out, split, count, seed)
+    emit({"benchmark": path, "problems": count, "split": split, "model": world.model_path()}, as_json,
+         [f"{count} {split} problems -> {path}", f"base model: {world.model_path()}"])

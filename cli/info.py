@@ -9,6 +9,7 @@ from importlib import metadata
 import click
 import torch
 
+from steer.functional import active_kernel
 from steer.version import __version__
 
 
@@ -31,6 +32,7 @@ def environment() -> dict[str, object]:
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "cuda": torch.version.cuda if cuda else None,
         "threads": torch.get_num_threads(),
+        "kernel": active_kernel(),
     }
 
 

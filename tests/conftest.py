@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
-import transformers
+
+# Without a GPU the Triton kernels run under Triton's interpreter; it must be on before a kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM
 
-from steer.tokenizer import char_tokenizer
+from steer.tokenizer import char_tokenizer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,6 +57,16 @@ def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     model.generation_config.pad_token_id = 0
     return model
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -66,3 +66,13 @@ def test_benchmark_split_is_seeded_disjoint_and_sized(tmp_path):
     assert split_problems(problems, replace(settings, seed=1)) != (train, test)
     with pytest.raises(ValueError, match="2 problems are too few"):
         split_problems(problems[:2], DemoSettings(train_problems=1, test_problems=1000))
+
+
+def test_world_command_exports_a_benchmark(tmp_path):
+    out = tmp_path / "world.jsonl"
+    result = CliRunner().invoke(main, ["world", "-o", str(out), "--split", "train", "--count", "7", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["model"] == str(world.model_path()) and report["problems"] == 7
+    problems = load_problems(out)
+    assert [p.question for p in problems] == [p.question for p in world.problems("train", 7)]
