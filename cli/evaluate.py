@@ -77,7 +77,8 @@ def evaluate_command(model, sources, out, head, samples, temperature, top_p, max
     """Decode benchmarks with the base model and (with --head) the steered one, grade, and compare them.
 
     Writes OUT/predictions.jsonl as it goes (an interrupted run resumes) and OUT/summary.json at the end. Under
-    `accelerate launch -m steer eval ...` the work is shared among processes and merged by the main one.
+    `accelerate launch -m steer eval ...` (or `torchrun --nproc_per_node N -m steer eval ... --cpu` on CPUs) the work
+    is shared among processes and merged by the main one.
     """
     workers = current_workers(cpu)
     benchmarks = {}

@@ -1,4 +1,5 @@
-"""Sharing work among processes started by `accelerate launch`, and merging what they wrote.
+"""Sharing work among processes started by `accelerate launch` (GPUs) or `torchrun` (several CPU processes, which
+`accelerate launch` starts only through MPI), and merging what they wrote.
 
 Each process takes every `world`-th batch of the work list, appends its records to its own part file, and the main
 process merges the parts into the one store a single process would have written. A single process (no launcher)
@@ -15,6 +16,7 @@ from typing import TypeVar
 import torch
 from accelerate import PartialState
 
+from steer.progress import ThroughputBar
 from steer.store import RecordStore, read_jsonl
 
 T = TypeVar("T")
@@ -42,6 +44,14 @@ class Workers:
         """This process's share of `items`: every `world`-th one, starting at `rank`."""
         return list(items[self.rank :: self.world])
 
+    def gather(self, value: T) -> list[T]:
+        """`value` from every process, in rank order; every process must call it (one element for one process)."""
+        if self.world == 1:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
     def wait(self) -> None:
         """Block until every process gets here (a no-op for a single process)."""
         if self.world > 1:
@@ -49,13 +59,22 @@ class Workers:
 
 
 def current_workers(cpu: bool = False) -> Workers:
-    """The workers of this run: from `accelerate launch` if it started us, else a single process.
+    """The workers of this run: from `accelerate launch` or `torchrun` if one started us, else a single process.
 
     Args:
         cpu (`bool`, defaults to `False`): use the CPU even where a GPU is available.
     """
     state = PartialState(cpu=cpu)
     return Workers(rank=state.process_index, world=state.num_processes, device=state.device)
+
+
+def job_totals(workers: Workers, bar: ThroughputBar, **extra: int) -> dict[str, float]:
+    """The whole job's counts: items, tokens and `extra` counts summed over the processes, and the seconds of the
+    slowest one. Every process must call it."""
+    parts = workers.gather({"items": bar.items, "tokens": bar.tokens, "seconds": bar.seconds, **extra})
+    totals = {name: sum(part[name] for part in parts) for name in parts[0]}
+    totals["seconds"] = max(part["seconds"] for part in parts)
+    return totals
 
 
 def part_path(path: Path, rank: int) -> Path:

@@ -28,7 +28,7 @@ from steer.decoding import (
     decode_batch,
     derive_seed,
 )
-from steer.distributed import Workers, merge_parts, open_store
+from steer.distributed import Workers, job_totals, merge_parts, open_store
 from steer.grading import extract_answer, grade
 from steer.head import CorrectionHead
 from steer.metrics import bootstrap_interval, mcnemar, paired_permutation, pass_at_k, wilson_interval
@@ -131,12 +131,14 @@ def evaluate(
             store.extend([_record(u, arm, c) for u, c in zip(batch, completions)])
             bar.advance(len(completions), sum(c.steps for c in completions))
     bar.close()
+    totals = job_totals(workers, bar)
     merge_parts(path, KEY, workers)
     if not workers.is_main:
         return {}
     summary = summarize(list(read_jsonl(path, KEY)), settings.samples)
-    summary["run"] = {"seconds": bar.seconds, "new_tokens": bar.tokens, "processes": workers.world,
-                      "tokens_per_second": bar.tokens_per_second}
+    seconds = totals["seconds"]
+    summary["run"] = {"seconds": seconds, "new_tokens": totals["tokens"], "processes": workers.world,
+                      "tokens_per_second": totals["tokens"] / seconds if seconds > 0 else 0.0}
     atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
 

@@ -21,7 +21,7 @@ from steer.decoding import (
     decode_batch,
     derive_seed,
 )
-from steer.distributed import Workers, merge_parts, open_store
+from steer.distributed import Workers, job_totals, merge_parts, open_store
 from steer.grading import extract_answer, grade
 from steer.problems import Problem
 from steer.progress import ThroughputBar
@@ -130,14 +130,15 @@ def run_rollouts(
         )
         bar.advance(len(completions), sum(c.steps for c in completions))
     bar.close()
+    totals = job_totals(workers, bar)
     merge_parts(path, KEY, workers)
     records = list(read_jsonl(path, KEY)) if workers.is_main else []
     return RolloutSummary(
         path=path,
-        written=bar.items,
+        written=totals["items"],
         total=len(records),
-        tokens=bar.tokens,
-        seconds=bar.seconds,
+        tokens=totals["tokens"],
+        seconds=totals["seconds"],
         mean_reward=sum(r["reward"] for r in records) / len(records) if records else 0.0,
     )
 

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from steer.distributed import Workers, merge_parts, open_store
+from steer.distributed import Workers, job_totals, merge_parts, open_store
 from steer.functional import entropy_topk
 from steer.head import embedding_fingerprint, output_embedding
 from steer.progress import ThroughputBar
@@ -141,15 +141,16 @@ def score_rollouts(
         points += shard["point_token"].numel()
         bar.advance(len(group), shard["entropy"].numel())
     bar.close()
+    totals = job_totals(workers, bar, points=points)
     merge_parts(scores_dir / INDEX_FILE, ("file",), workers)
     stats = [r for shard in read_jsonl(scores_dir / INDEX_FILE) for r in shard["rollouts"]] if workers.is_main else []
     total = sum(r["num_tokens"] for r in stats)
     return ScoreSummary(
         scores_dir=scores_dir,
-        scored=len(pending),
-        tokens=bar.tokens,
-        points=points,
-        seconds=bar.seconds,
+        scored=totals["items"],
+        tokens=totals["tokens"],
+        points=totals["points"],
+        seconds=totals["seconds"],
         above_tau=sum(r["above_tau"] * r["num_tokens"] for r in stats) / total if total else 0.0,
     )
 
