@@ -24,7 +24,17 @@ def result_lines(result: DemoResult) -> list[str]:
         f"  steering gated {result.gated_fraction:.1%} of decoding steps and changed the top-1 at "
         f"{result.changed_fraction:.1%}",
         f"{result.seconds:.0f} s; head -> {result.head}, everything -> {result.out_dir / RESULT_FILE}",
+        *stage_lines(result.stages),
     ]
+
+
+def stage_lines(stages: dict) -> list[str]:
+    """One line per step that ran: its seconds, and its tokens per second where it decodes or scores."""
+    lines = []
+    for name, stage in stages.items():
+        rate = f" ({stage['tokens_per_second']:.0f} tokens/s)" if "tokens_per_second" in stage else ""
+        lines.append(f"  {name:<10} {stage['seconds']:7.1f} s{rate}")
+    return lines
 
 
 def default_out_dir(model: str | None, seed: int) -> Path:
@@ -46,10 +56,15 @@ def default_out_dir(model: str | None, seed: int) -> Path:
               "world, 8 otherwise).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="Per completion (default: 80 on the world, "
               "512 otherwise).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences decoded together (default: 64 on the "
+              "world, 16 otherwise).")
+@click.option("--instruction", help="Appended to each question (default: none on the world, a request to reason "
+              "step by step and answer in \\boxed{} otherwise).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @json_option
 @reports_errors
-def demo(seed, out, model, data, train_problems, test_problems, samples, max_new_tokens, quiet, as_json):
+def demo(seed, out, model, data, train_problems, test_problems, samples, max_new_tokens, batch_size, instruction, quiet,
+         as_json):
     """Run the method end to end: rollouts on training problems, scoring, head training, and base against steered
     on held-out problems.
 
@@ -59,7 +74,8 @@ def demo(seed, out, model, data, train_problems, test_problems, samples, max_new
     """
     overrides = {name: value for name, value in [
         ("seed", seed), ("train_problems", train_problems), ("test_problems", test_problems), ("samples", samples),
-        ("max_new_tokens", max_new_tokens)] if value is not None}
+        ("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("instruction", instruction)]
+        if value is not None}
     if model is None:
         settings = dataclasses.replace(DemoSettings(), **overrides)
     else:

@@ -39,16 +39,15 @@ def results_table(summary: dict) -> list[str]:
     rows = [("benchmark", "arm", "problems", "accuracy", "95% interval", "pass@k", "gated", "changed")]
     notes = []
     for name, arms in summary["benchmarks"].items():
-        for arm in ("base", "steered"):
-            if arm not in arms:
+        for arm, a in arms.items():
+            if arm == "paired":
                 continue
-            a = arms[arm]
             low, high = a["interval_95"]
             passes = " ".join(f"@{k}={v:.3f}" for k, v in a.get("pass_at_k", {}).items() if k != "1")
-            steered = arm == "steered"
+            acted = arm != "base" and a["gated_fraction"] > 0
             rows.append((name, arm, str(a["problems"]), f"{a['accuracy']:.3f}", f"[{low:.3f}, {high:.3f}]",
-                         passes or "-", f"{a['gated_fraction']:.1%}" if steered else "-",
-                         f"{a['changed_fraction']:.1%}" if steered else "-"))
+                         passes or "-", f"{a['gated_fraction']:.1%}" if acted else "-",
+                         f"{a['changed_fraction']:.1%}" if acted else "-"))
         if "paired" in arms:
             p = arms["paired"]
             detail = f", {p['gained']} gained, {p['lost']} lost" if "gained" in p else ""

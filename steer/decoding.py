@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
@@ -24,8 +24,8 @@ class Completion:
         text (`str`): the generated text, special tokens removed.
         token_ids (`list[int]`): the generated tokens, up to and including the end-of-sequence token if one came.
         finish_reason (`str`): `"stop"` (an end-of-sequence token) or `"length"` (`max_new_tokens` reached).
-        gated (`int`), changed (`int`): steps of this sequence that the head adjusted, and those whose best
-            candidate it changed (0 without a head).
+        gated (`int`), changed (`int`): steps of this sequence where the processor acted (the head's decision
+            points, or substitutions), and those where that changed the top-1 token (0 without a processor).
     """
 
     text: str
@@ -60,6 +60,29 @@ class DecodingSettings:
                 "max_new_tokens": self.max_new_tokens}
 
 
+class RecordingProcessor(Protocol):
+    """A logits processor that intervenes at some steps and records where: what [`decode_batch`] runs.
+
+    `row_masks()` returns `(acted, changed)`, `torch.BoolTensor`s of shape `(rows, steps)`: the steps where it
+    intervened, and those where that changed the top-1 token; `close()` releases what it holds (hooks, caches).
+    """
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor: ...
+
+    def row_masks(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def close(self) -> None: ...
+
+
+ProcessorFactory = Callable[[dict[str, torch.Tensor]], RecordingProcessor]
+"""Builds the processor for one batch from the batch's tensors (`input_ids`, `attention_mask`, left-padded)."""
+
+
+def steering(model: PreTrainedModel, head: CorrectionHead) -> ProcessorFactory:
+    """The factory of [`SteeringProcessor`]s for `model` and `head`, recording per-row masks."""
+    return lambda batch: SteeringProcessor(model, head, record_rows=True)
+
+
 def derive_seed(seed: int, *keys: object) -> int:
     """A 63-bit seed that depends only on `seed` and `keys`, so a batch is sampled the same however work is split."""
     digest = hashlib.sha256(repr((seed, keys)).encode()).digest()
@@ -88,9 +111,10 @@ def decode_batch(
     prompt_ids: Sequence[Sequence[int]],
     settings: DecodingSettings,
     seed: int,
-    head: CorrectionHead | None = None,
+    processor: ProcessorFactory | None = None,
 ) -> list[Completion]:
-    """Decode one batch of tokenised prompts (left-padded together), with `head` steering if given.
+    """Decode one batch of tokenised prompts (left-padded together), through a processor if given (for example
+    [`steering`] with a head).
 
     Args:
         model (`PreTrainedModel`), tokenizer (`PreTrainedTokenizerBase`): the model and its tokenizer.
@@ -98,7 +122,8 @@ def decode_batch(
         settings ([`DecodingSettings`]): sampling or greedy, and the length budget.
         seed (`int`): seeds torch's generator just before decoding, so the same batch decodes the same way twice
             (the base and steered arms of an evaluation share their random draws).
-        head ([`CorrectionHead`], *optional*): steer with this head.
+        processor ([`ProcessorFactory`], *optional*): builds the batch's [`RecordingProcessor`]; the completions
+            count the steps where it acted (`gated`) and changed the top-1 (`changed`).
 
     Returns:
         `list[Completion]`, in the order of `prompt_ids`.
@@ -106,17 +131,17 @@ def decode_batch(
     batch = tokenizer.pad({"input_ids": [list(ids) for ids in prompt_ids]}, padding=True, return_tensors="pt")
     batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
     kwargs = {**batch, **settings.generate_kwargs(), "pad_token_id": tokenizer.pad_token_id}
-    steering = SteeringProcessor(model, head, record_rows=True) if head is not None else None
+    intervention = processor(batch) if processor is not None else None
     try:
         torch.manual_seed(seed)
-        if steering is not None:
-            kwargs["logits_processor"] = LogitsProcessorList([steering])
+        if intervention is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([intervention])
         with torch.inference_mode():
             output = model.generate(**kwargs)
-        gated, changed = steering.row_masks() if steering is not None else (None, None)
+        gated, changed = intervention.row_masks() if intervention is not None else (None, None)
     finally:
-        if steering is not None:
-            steering.close()
+        if intervention is not None:
+            intervention.close()
     generated = output[:, batch["input_ids"].shape[1] :].tolist()
     stop_ids = _stop_ids(model, tokenizer)
     return [

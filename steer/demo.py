@@ -74,7 +74,8 @@ class DemoSettings:
 
 @dataclass(frozen=True)
 class DemoResult:
-    """What the demo measured and where it put the files."""
+    """What the demo measured and where it put the files. `stages` holds each step's counts and seconds (a step
+    finished by an earlier run and not redone shows what this run did: nothing)."""
 
     base_accuracy: float
     steered_accuracy: float
@@ -88,6 +89,7 @@ class DemoResult:
     out_dir: Path
     model: str
     seed: int
+    stages: dict = field(default_factory=dict)
 
 
 def world_problems(settings: DemoSettings) -> tuple[list[Problem], list[Problem]]:
@@ -159,30 +161,40 @@ def run_demo(
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model(model_path, device=Workers().device)
     decoding = DecodingSettings(max_new_tokens=settings.max_new_tokens)
-    run_rollouts(model, tokenizer, train_problems, out / "rollouts", RolloutSettings(
+    rollouts = run_rollouts(model, tokenizer, train_problems, out / "rollouts", RolloutSettings(
         samples=settings.samples, decoding=decoding, batch_size=settings.batch_size, seed=settings.seed,
         instruction=settings.instruction), progress=progress)
-    score_rollouts(model, out / "rollouts", ScoreSettings(floor=settings.floor), progress=progress)
+    scores = score_rollouts(model, out / "rollouts", ScoreSettings(floor=settings.floor), progress=progress)
     trained = train_head(model, out / "rollouts", _seeded(settings.train, settings.seed), progress=progress)
     trained.save(out / "head")
     summary = evaluate(model, tokenizer, {"test": test_problems}, out / "eval", EvalSettings(
         decoding=decoding, batch_size=settings.batch_size, seed=settings.seed, instruction=settings.instruction,
     ), head=trained.head, progress=progress)
+    stages = {
+        "rollouts": {"rollouts": rollouts.written, "tokens": rollouts.tokens, "seconds": rollouts.seconds,
+                     "tokens_per_second": rollouts.tokens_per_second, "mean_reward": rollouts.mean_reward},
+        "scoring": {"rollouts": scores.scored, "tokens": scores.tokens, "seconds": scores.seconds,
+                    "tokens_per_second": scores.tokens_per_second},
+        "training": {"seconds": trained.record["seconds"], "pool_rollouts": trained.record["pool"]["rollouts"],
+                     "train_points": trained.record["pool"]["train_points"]},
+        "evaluation": {"seconds": summary["run"]["seconds"], "tokens_per_second": summary["run"]["tokens_per_second"]},
+    }
     return _result(summary["benchmarks"]["test"], trained.head.tau, time.perf_counter() - start, out,
-                   str(model_path), settings)
+                   str(model_path), settings, stages)
 
 
 def _seeded(train: TrainSettings, seed: int) -> TrainSettings:
     return TrainSettings(**{**asdict(train), "seed": seed})
 
 
-def _result(summary: dict, tau: float, seconds: float, out: Path, model: str, settings: DemoSettings) -> DemoResult:
+def _result(summary: dict, tau: float, seconds: float, out: Path, model: str, settings: DemoSettings,
+            stages: dict) -> DemoResult:
     steered = summary["steered"]
     result = DemoResult(
         base_accuracy=summary["base"]["accuracy"], steered_accuracy=steered["accuracy"],
         test_problems=steered["problems"], paired_test=summary["paired"], gated_fraction=steered["gated_fraction"],
         changed_fraction=steered["changed_fraction"], tau=tau, seconds=seconds, head=out / "head", out_dir=out,
-        model=model, seed=settings.seed,
+        model=model, seed=settings.seed, stages=stages,
     )
     atomic_write_json(out / RESULT_FILE, {**asdict(result), "head": str(result.head), "out_dir": str(out),
                                           "settings": asdict(settings)})

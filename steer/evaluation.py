@@ -1,7 +1,8 @@
 """Judging a head: batch decoding of benchmarks with the base model and the steered model side by side, graded.
 
 With a head, every (problem, sample) is decoded twice, arm `base` and arm `steered`, in the same batch with the
-same seed, so that a difference between the arms is the head's doing. Outputs, under the run's folder:
+same seed, so that a difference between the arms is the head's doing. Other arms (another model, another logits
+processor: see [`Arm`]) are decoded the same way. Outputs, under the run's folder:
 
 - `predictions.jsonl`: one record per (benchmark, problem, arm, sample), appended as batches finish, so an
   interrupted run resumes where it stopped;
@@ -24,9 +25,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from steer.decoding import (
     Completion,
     DecodingSettings,
+    ProcessorFactory,
     batches_by_length,
     decode_batch,
     derive_seed,
+    steering,
 )
 from steer.distributed import Workers, job_totals, merge_parts, open_store
 from steer.grading import extract_answer, grade
@@ -61,6 +64,30 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class Arm:
+    """One way of decoding the problems: a model (sharing the base model's tokenizer) and an optional processor.
+
+    Attributes:
+        name (`str`): the arm's label in the predictions and the summary.
+        model (`PreTrainedModel`): the model that decodes.
+        processor ([`ProcessorFactory`], *optional*): builds a logits processor per batch.
+        digest (`str`, *optional*): identifies the processor's settings, so that a resumed run cannot change them.
+    """
+
+    name: str
+    model: PreTrainedModel
+    processor: ProcessorFactory | None = None
+    digest: str | None = None
+
+    @classmethod
+    def steered(cls, model: PreTrainedModel, head: CorrectionHead) -> Arm:
+        return cls("steered", model, steering(model, head), _head_digest(head))
+
+    def describe(self) -> dict:
+        return {"model": self.model.name_or_path, "processor": self.digest}
+
+
+@dataclass(frozen=True)
 class _Unit:
     benchmark: str
     problem: Problem
@@ -75,6 +102,7 @@ def evaluate(
     settings: EvalSettings = EvalSettings(),
     *,
     head: CorrectionHead | None = None,
+    arms: Sequence[Arm] | None = None,
     workers: Workers = Workers(),
     progress: bool = True,
 ) -> dict:
@@ -86,6 +114,7 @@ def evaluate(
         out_dir (`str` or `os.PathLike`): where `predictions.jsonl` and `summary.json` go; a run there is resumed.
         settings ([`EvalSettings`]): decoding settings; they must match those of an existing run.
         head ([`CorrectionHead`], *optional*): adds the `steered` arm.
+        arms (`Sequence[Arm]`, *optional*): decode these arms instead of `base` (and `steered`).
         workers ([`Workers`], *optional*): this process's share when several run the job (`accelerate launch`).
         progress (`bool`, defaults to `True`): show a progress bar with tokens per second.
 
@@ -102,10 +131,13 @@ def evaluate(
     """
     out = Path(out_dir)
     path = out / PREDICTIONS_FILE
-    arms = ("base", "steered") if head is not None else ("base",)
+    if arms is None:
+        arms = [Arm("base", model)] + ([Arm.steered(model, head)] if head is not None else [])
+    elif head is not None:
+        raise ValueError("pass either a head or the arms, not both")
     if workers.is_main:
         check_settings(out / SETTINGS_FILE, {
-            "model": model.name_or_path, "head": _head_digest(head), **asdict(settings),
+            "arms": {arm.name: arm.describe() for arm in arms}, **asdict(settings),
             "benchmarks": {name: [p.id for p in problems] for name, problems in benchmarks.items()},
         })
     store, existing = open_store(path, KEY, workers)
@@ -116,7 +148,7 @@ def evaluate(
     }
     units = [
         _Unit(name, p, s) for name, problems in benchmarks.items() for p in problems for s in range(settings.samples)
-        if any((name, p.id, arm, s) not in done for arm in arms)
+        if any((name, p.id, arm.name, s) not in done for arm in arms)
     ]
     batches = list(batches_by_length(units, [len(prompts[u.benchmark, u.problem.id]) for u in units],
                                      settings.batch_size))
@@ -126,9 +158,8 @@ def evaluate(
         seed = derive_seed(settings.seed, *((u.benchmark, u.problem.id, u.sample) for u in batch))
         ids = [prompts[u.benchmark, u.problem.id] for u in batch]
         for arm in arms:
-            steering = head if arm == "steered" else None
-            completions = decode_batch(model, tokenizer, ids, settings.decoding, seed, steering)
-            store.extend([_record(u, arm, c) for u, c in zip(batch, completions)])
+            completions = decode_batch(arm.model, tokenizer, ids, settings.decoding, seed, arm.processor)
+            store.extend([_record(u, arm.name, c) for u, c in zip(batch, completions)])
             bar.advance(len(completions), sum(c.steps for c in completions))
     bar.close()
     totals = job_totals(workers, bar)

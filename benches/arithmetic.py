@@ -1,0 +1,54 @@
+"""A simple arithmetic benchmark for running the method on a small real model (SmolLM2-135M-Instruct).
+
+    python benches/arithmetic.py                     # writes benches/data/arithmetic.jsonl (400 problems)
+
+Mixed one-step problems (a two-digit and a one-digit number added or subtracted, two one-digit numbers
+multiplied), seeded, in the
+`{"id", "question", "answer"}` JSONL format `steer` reads. A 135M model solves some of them and not others, which
+is what rollouts need to contrast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from steer.problems import Problem
+
+DEFAULT_OUT = Path(__file__).parent / "data" / "arithmetic.jsonl"
+
+
+def arithmetic(count: int, seed: int = 0) -> list[Problem]:
+    """`count` seeded problems, cycling through addition, subtraction and multiplication."""
+    rng = random.Random(seed)
+    problems = []
+    for i in range(count):
+        a, b = rng.randint(10, 99), rng.randint(2, 9)
+        if i % 3 == 0:
+            question, answer = f"What is {a} + {b}?", a + b
+        elif i % 3 == 1:
+            question, answer = f"What is {a} - {b}?", a - b
+        else:
+            a = rng.randint(2, 9)
+            question, answer = f"What is {a} * {b}?", a * b
+        problems.append(Problem(f"arith-{i}", question, str(answer), "arithmetic"))
+    return problems
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    problems = arithmetic(args.count, args.seed)
+    lines = [json.dumps({"id": p.id, "question": p.question, "answer": p.gold}) for p in problems]
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} problems to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
