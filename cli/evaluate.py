@@ -21,7 +21,7 @@ from steer.distributed import current_workers
 from steer.evaluation import SUMMARY_FILE, EvalSettings, evaluate
 from steer.head import CorrectionHead
 from steer.models import load_model
-from steer.problems import load_problems
+from steer.problems import Problem, load_problems
 
 LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -32,6 +32,25 @@ def split_label(source: str) -> tuple[str, str]:
     if sep and rest and LABEL.match(label):
         return label, rest
     return (Path(source).stem if Path(source).suffix else source.replace("/", "_")), source
+
+
+benchmarks_option = click.option(
+    "--data", "-d", "sources", multiple=True, required=True,
+    help="Benchmark file (JSONL, JSON, parquet) or dataset name; LABEL=PATH names it. Repeatable.",
+)
+
+
+def load_benchmarks(sources: tuple[str, ...], question_field: str | None, answer_field: str | None,
+                    limit: int | None) -> dict[str, list[Problem]]:
+    """The problems of each `--data` source, by label (see [`split_label`])."""
+    benchmarks = {}
+    for source in sources:
+        label, path = split_label(source)
+        if label in benchmarks:
+            raise click.UsageError(f"two --data sources are labelled {label!r}; name them with LABEL=PATH")
+        benchmarks[label] = load_problems(path, question_field=question_field, answer_field=answer_field,
+                                          benchmark=label, limit=limit)
+    return benchmarks
 
 
 def results_table(summary: dict) -> list[str]:
@@ -62,8 +81,7 @@ def results_table(summary: dict) -> list[str]:
 
 @click.command("eval")
 @model_option
-@click.option("--data", "-d", "sources", multiple=True, required=True,
-              help="Benchmark file (JSONL, JSON, parquet) or dataset name; LABEL=PATH names it. Repeatable.")
+@benchmarks_option
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for predictions, summary.")
 @click.option("--head", help="Correction head folder (or Hub id): adds the steered arm.")
 @decoding_options(samples=1, max_new_tokens=4096, samples_help="Decodes per problem and arm.")
@@ -80,13 +98,7 @@ def evaluate_command(model, sources, out, head, samples, temperature, top_p, max
     is shared among processes and merged by the main one.
     """
     workers = current_workers(cpu)
-    benchmarks = {}
-    for source in sources:
-        label, path = split_label(source)
-        if label in benchmarks:
-            raise click.UsageError(f"two --data sources are labelled {label!r}; name them with LABEL=PATH")
-        benchmarks[label] = load_problems(path, question_field=question_field, answer_field=answer_field,
-                                          benchmark=label, limit=limit)
+    benchmarks = load_benchmarks(sources, question_field, answer_field, limit)
     lm, tokenizer = load_model(model, device=workers.device)
     steering = CorrectionHead.from_pretrained(head) if head else None
     if steering is not None:

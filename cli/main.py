@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from steer.cli.analyze import analyze
 from steer.cli.bench import bench
 from steer.cli.demo import demo, world_command
 from steer.cli.evaluate import evaluate_command
@@ -18,6 +19,7 @@ def main() -> None:
     """Steer a language model's decision points at decoding time: rollouts, head training, steered decoding."""
 
 
+main.add_command(analyze)
 main.add_command(bench)
 main.add_command(demo)
 main.add_command(info)

@@ -134,7 +134,7 @@ def score_rollouts(
     pending = [r for r in workers.share(rollouts) if (r["problem_id"], r["sample"]) not in done]
     points = 0
     bar = ThroughputBar(len(pending), "scoring", "rollout", progress and workers.is_main)
-    for group in _chunks(sorted(pending, key=_length), settings.shard_rollouts):
+    for group in _chunks(sorted(pending, key=rollout_length), settings.shard_rollouts):
         shard = _score_group(model, group, settings)
         record = _write_shard(scores_dir, workers.rank, group, shard, settings)
         index.append(record)
@@ -165,7 +165,8 @@ def score_settings_record(model: PreTrainedModel, settings: ScoreSettings) -> di
     }
 
 
-def _length(rollout: dict) -> int:
+def rollout_length(rollout: dict) -> int:
+    """Prompt and completion tokens of a rollout record."""
     return len(rollout["prompt_ids"]) + len(rollout["completion_ids"])
 
 
@@ -174,12 +175,12 @@ def _chunks(items: Sequence, size: int) -> Iterator[list]:
         yield list(items[start : start + size])
 
 
-def _batches(group: list[dict], max_tokens: int) -> Iterator[list[int]]:
-    """Indices into `group` (sorted by increasing length) for forward passes of at most `max_tokens` padded tokens
-    (a rollout longer than that gets a pass of its own)."""
+def token_batches(group: Sequence[dict], max_tokens: int) -> Iterator[list[int]]:
+    """Indices into `group` (rollout records sorted by increasing length) for forward passes of at most
+    `max_tokens` padded tokens (a rollout longer than that gets a pass of its own)."""
     batch: list[int] = []
     for index in range(len(group)):
-        if batch and (len(batch) + 1) * _length(group[index]) > max_tokens:
+        if batch and (len(batch) + 1) * rollout_length(group[index]) > max_tokens:
             yield batch
             batch = []
         batch.append(index)
@@ -191,7 +192,7 @@ def _score_group(model: PreTrainedModel, group: list[dict], settings: ScoreSetti
     """The tensors of one shard (see [`SHARD_TENSORS`]) for `group`."""
     entropies: list[torch.Tensor | None] = [None] * len(group)
     parts: list[dict[str, torch.Tensor]] = []
-    for batch in _batches(group, settings.max_batch_tokens):
+    for batch in token_batches(group, settings.max_batch_tokens):
         for index, scored in zip(batch, _score_batch(model, [group[i] for i in batch], settings)):
             entropies[index] = scored.pop("entropy")
             scored["point_rollout"] = torch.full_like(scored["point_token"], index)
@@ -202,7 +203,24 @@ def _score_group(model: PreTrainedModel, group: list[dict], settings: ScoreSetti
 
 
 def _score_batch(model: PreTrainedModel, rollouts: list[dict], settings: ScoreSettings) -> list[dict]:
-    """Teacher-force one right-padded batch; per rollout, its entropies and the features of its stored points."""
+    """Teacher-force one batch; per rollout, its entropies and the features of its stored points."""
+    return [
+        _features(logits, hidden, torch.tensor(rollout["completion_ids"], device=logits.device), settings)
+        for rollout, (logits, hidden) in zip(rollouts, teacher_force(model, rollouts))
+    ]
+
+
+def teacher_force(model: PreTrainedModel, rollouts: Sequence[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One forward pass of `model` over the prompt and completion of each rollout, right-padded together.
+
+    Args:
+        model (`PreTrainedModel`): any causal LM.
+        rollouts (`Sequence[dict]`): records with `prompt_ids` (not empty) and `completion_ids` (lists of int).
+
+    Returns:
+        Per rollout, `(logits, hidden)`: the logits `[completion tokens, vocab]` in the model's dtype that predicted
+        each completion token, and the final hidden states `[completion tokens, hidden_size]` they came from.
+    """
     sequences = [r["prompt_ids"] + r["completion_ids"] for r in rollouts]
     width = max(map(len, sequences))
     ids = torch.zeros(len(sequences), width, dtype=torch.long)
@@ -217,8 +235,7 @@ def _score_batch(model: PreTrainedModel, rollouts: list[dict], settings: ScoreSe
     for row, rollout in enumerate(rollouts):
         start = len(rollout["prompt_ids"]) - 1  # logits at position t predict token t + 1
         positions = slice(start, start + len(rollout["completion_ids"]))
-        targets = torch.tensor(rollout["completion_ids"], device=logits.device)
-        results.append(_features(logits[row, positions], hidden[row, positions], targets, settings))
+        results.append((logits[row, positions], hidden[row, positions]))
     return results
 
 

@@ -1,0 +1,178 @@
+"""The paper's table on the built-in world: base, GRPO and steer's head, with compute, footprint and intervention.
+
+    pip install -e ".[rl,analysis]"
+    python benches/paper_table.py      # trains the GRPO baseline first if benches/models/world-grpo is missing
+
+Writes `benches/results/paper_table.md` and `benches/results/paper_table.json`, with the run's files under
+`benches/runs/paper` (not committed). Steps:
+
+1. the GRPO baseline (`benches/grpo_world.py`), unless its model and result are there;
+2. steer's head: `steer demo` at the given seed (rollouts, scoring, head training), its compute counted the way
+   GRPO's is: 2N FLOPs per prompt or completion token of rollouts and of scoring, plus an upper bound on head
+   training (6 FLOPs per head parameter, stored decision point and step);
+3. base, steered and GRPO on the demo's held-out test problems, `--samples` decodes each at temperature 0.6;
+4. `steer analyze footprint` and `steer analyze intervene` of GRPO against the base model on the test problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from steer import world
+from steer.decoding import DecodingSettings
+from steer.demo import DemoSettings, run_demo, world_problems
+from steer.evaluation import Arm, EvalSettings, evaluate
+from steer.footprint import FootprintSettings, footprint
+from steer.head import CorrectionHead
+from steer.intervention import intervene
+from steer.models import load_model
+from steer.rollout import ROLLOUTS_FILE, RolloutSettings
+from steer.store import atomic_write_json, atomic_write_text, read_jsonl
+
+ROOT = Path(__file__).resolve().parent
+GRPO_MODEL = ROOT / "models" / "world-grpo"
+GRPO_RESULT = ROOT / "results" / "grpo-world.json"
+RESULTS = ROOT / "results"
+
+
+def grpo_baseline() -> dict:
+    """The GRPO result, training it first when its model or result is missing."""
+    if not (GRPO_MODEL / "config.json").exists() or not GRPO_RESULT.exists():
+        subprocess.run([sys.executable, str(ROOT / "grpo_world.py")], check=True)
+    return json.loads(GRPO_RESULT.read_text())
+
+
+def head_compute(demo_dir: Path, parameters: int) -> dict:
+    """Seconds and estimated FLOPs of the head's making: rollouts, scoring and head training."""
+    demo = json.loads((demo_dir / "demo.json").read_text())
+    training = json.loads((demo_dir / "head" / "training.json").read_text())
+    tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"])
+                 for r in read_jsonl(demo_dir / "rollouts" / ROLLOUTS_FILE))
+    head = CorrectionHead.from_pretrained(demo_dir / "head")
+    head_parameters = sum(p.numel() for p in head.parameters())
+    head_flops = 6 * head_parameters * training["pool"]["train_points"] * training["settings"]["steps"]
+    stages = demo["stages"]
+    return {
+        "seconds": stages["rollouts"]["seconds"] + stages["scoring"]["seconds"] + stages["training"]["seconds"],
+        "tokens": tokens,
+        "flops": 2 * parameters * tokens * 2 + head_flops,
+        "head_training_flops": head_flops,
+        "stages": stages,
+    }
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def markdown(table: dict) -> str:
+    acc, fp, iv, compute = table["accuracy"], table["footprint"], table["intervention"], table["compute"]
+    lines = [
+        "# The paper's table on the built-in world",
+        "",
+        f"`{table['command']}` on {table['device']}; {table['test_problems']} held-out test problems, "
+        f"{table['samples']} samples each at temperature 0.6 (avg@{table['samples']}).",
+        "",
+        "| model | accuracy | 95% interval | compute (s) | compute (FLOPs) |",
+        "|---|---|---|---|---|",
+        f"| base | {acc['base']['accuracy']:.3f} | {acc['base']['interval']} | - | - |",
+        f"| GRPO (TRL) | {acc['grpo']['accuracy']:.3f} | {acc['grpo']['interval']} | "
+        f"{compute['grpo']['seconds']:.0f} | {compute['grpo']['flops']:.3g} |",
+        f"| steer head | {acc['steered']['accuracy']:.3f} | {acc['steered']['interval']} | "
+        f"{compute['head']['seconds']:.0f} | {compute['head']['flops']:.3g} |",
+        "",
+        f"Compute ratio, head / GRPO: {compute['ratio_flops']:.4f} in FLOPs, {compute['ratio_seconds']:.4f} in "
+        "wall time (GRPO to its best validation checkpoint, validation excluded).",
+        "",
+        "## Footprint of GRPO (teacher-forced on GRPO's samples)",
+        "",
+        f"- positions whose top-1 changed: {percent(fp['differ_fraction'])} of {fp['positions']}",
+        f"- GRPO's choice inside the base top-1 / top-5 / top-10: {percent(fp['rank_share']['1'])} / "
+        f"{percent(fp['rank_share']['5'])} / {percent(fp['rank_share']['10'])}; at changed positions, inside the "
+        f"top-5: {percent((fp['rank_share_differing'] or {}).get('5'))}",
+        f"- base entropy at changed positions against all: {fp['entropy']['ratio'] or 0:.1f}x",
+        f"- entropy > {iv['tau']} as a predictor of change: precision {percent(fp['gate_at_tau']['precision'])}, "
+        f"recall {percent(fp['gate_at_tau']['recall'])}",
+        "",
+        "## Intervention: GRPO's top-1 substituted into base decoding",
+        "",
+        "| arm | accuracy | substituted steps | RL gain recovered |",
+        "|---|---|---|---|",
+        *(f"| {arm} | {row['accuracy']:.3f} | {percent(row['substituted']) if arm in ('gated', 'random') else '-'} | "
+          f"{percent(row.get('recovered'))} |" for arm, row in iv["arms"].items()),
+        "",
+        "## Goals",
+        "",
+        *(f"- {'met' if ok else 'NOT met'}: {goal}" for goal, ok in table["goals"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=4, help="Decodes per test problem and arm.")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "paper")
+    args = parser.parse_args()
+
+    grpo = grpo_baseline()
+    settings = DemoSettings(seed=args.seed)
+    demo = run_demo(args.out / "demo", settings=settings)
+    _, test = world_problems(settings)
+    base, tokenizer = load_model(world.model_path(), device="cpu")
+    rl, _ = load_model(GRPO_MODEL, device="cpu")
+    parameters = sum(p.numel() for p in base.parameters())
+    head = CorrectionHead.from_pretrained(demo.head)
+    decoding = DecodingSettings(max_new_tokens=settings.max_new_tokens)
+    eval_settings = EvalSettings(samples=args.samples, batch_size=settings.batch_size, seed=args.seed,
+                                 instruction=world.INSTRUCTION, decoding=decoding)
+    summary = evaluate(base, tokenizer, {"test": test}, args.out / "eval", eval_settings,
+                       arms=[Arm("base", base), Arm.steered(base, head), Arm("grpo", rl)])["benchmarks"]["test"]
+    rollouts = RolloutSettings(samples=args.samples, batch_size=settings.batch_size, seed=args.seed,
+                               instruction=world.INSTRUCTION, decoding=decoding)
+    fp = footprint(base, rl, tokenizer, test, args.out / "footprint", FootprintSettings(rollouts=rollouts))
+    iv = intervene(base, rl, tokenizer, {"test": test}, args.out / "intervene", eval_settings, tau=head.tau)
+    fp["gate_at_tau"] = min(fp["gate"], key=lambda g: abs(g["tau"] - head.tau))
+
+    compute = {"grpo": {"seconds": grpo["best"]["train_seconds"], "flops": grpo["best"]["flops"],
+                        "step": grpo["best"]["step"]},
+               "head": head_compute(args.out / "demo", parameters)}
+    compute["ratio_flops"] = compute["head"]["flops"] / compute["grpo"]["flops"]
+    compute["ratio_seconds"] = compute["head"]["seconds"] / compute["grpo"]["seconds"]
+    accuracy = {arm: {"accuracy": summary[arm]["accuracy"],
+                      "interval": "[" + ", ".join(f"{x:.3f}" for x in summary[arm]["interval_95"]) + "]"}
+                for arm in ("base", "steered", "grpo")}
+    arms = iv["benchmarks"]["test"]
+    goals = {
+        "GRPO changes the top-1 at a few percent of positions at most (<= 5%)": fp["differ_fraction"] <= 0.05,
+        "at least 95% of GRPO's choices lie in the base top-5": fp["rank_share"]["5"] >= 0.95,
+        "entropy-gated substitution recovers at least half of the RL gain":
+            (arms["gated"].get("recovered") or 0) >= 0.5,
+        "random substitution recovers little (under a quarter)": (arms["random"].get("recovered") or 0) < 0.25,
+        "the head is within 2 points of GRPO": accuracy["steered"]["accuracy"] >= accuracy["grpo"]["accuracy"] - 0.02,
+        "at 1/100 of GRPO's compute or less (FLOPs)": compute["ratio_flops"] <= 0.01,
+    }
+    table = {
+        "command": "python benches/paper_table.py" + (f" --seed {args.seed}" if args.seed else ""),
+        "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "test_problems": len(test), "samples": args.samples, "accuracy": accuracy, "compute": compute,
+        "footprint": {k: fp[k] for k in ("positions", "differ_fraction", "rank_share", "rank_share_differing",
+                                         "entropy", "gate_at_tau", "rl_accuracy")},
+        "intervention": {"tau": iv["tau"], "random_rate": iv["random_rate"], "arms": arms},
+        "goals": goals, "grpo": {k: grpo[k] for k in ("best", "total", "arguments", "trl")},
+    }
+    atomic_write_json(RESULTS / "paper_table.json", table)
+    atomic_write_text(RESULTS / "paper_table.md", markdown(table))
+    print(markdown(table))
+
+
+if __name__ == "__main__":
+    main()
