@@ -97,7 +97,8 @@ def markdown(table: dict) -> str:
         f"- GRPO's choice inside the base top-1 / top-5 / top-10: {percent(fp['rank_share']['1'])} / "
         f"{percent(fp['rank_share']['5'])} / {percent(fp['rank_share']['10'])}; at changed positions, inside the "
         f"top-5: {percent((fp['rank_share_differing'] or {}).get('5'))}",
-        f"- base entropy at changed positions against all: {fp['entropy']['ratio'] or 0:.1f}x",
+        f"- base entropy at changed positions against all: "
+        f"{'-' if fp['entropy']['ratio'] is None else format(fp['entropy']['ratio'], '.1f') + 'x'}",
         f"- entropy > {iv['tau']} as a predictor of change: precision {percent(fp['gate_at_tau']['precision'])}, "
         f"recall {percent(fp['gate_at_tau']['recall'])}",
         "",
@@ -145,6 +146,8 @@ def main() -> None:
     compute = {"grpo": {"seconds": grpo["best"]["train_seconds"], "flops": grpo["best"]["flops"],
                         "step": grpo["best"]["step"]},
                "head": head_compute(args.out / "demo", parameters)}
+    if not grpo["best"]["step"]:
+        raise SystemExit("GRPO never beat the base model on validation: no baseline to compare with")
     compute["ratio_flops"] = compute["head"]["flops"] / compute["grpo"]["flops"]
     compute["ratio_seconds"] = compute["head"]["seconds"] / compute["grpo"]["seconds"]
     accuracy = {arm: {"accuracy": summary[arm]["accuracy"],
@@ -156,7 +159,8 @@ def main() -> None:
         "at least 95% of GRPO's choices lie in the base top-5": fp["rank_share"]["5"] >= 0.95,
         "entropy-gated substitution recovers at least half of the RL gain":
             (arms["gated"].get("recovered") or 0) >= 0.5,
-        "random substitution recovers little (under a quarter)": (arms["random"].get("recovered") or 0) < 0.25,
+        "random substitution recovers little (under a quarter)":
+            arms["random"].get("recovered") is not None and arms["random"]["recovered"] < 0.25,
         "the head is within 2 points of GRPO": accuracy["steered"]["accuracy"] >= accuracy["grpo"]["accuracy"] - 0.02,
         "at 1/100 of GRPO's compute or less (FLOPs)": compute["ratio_flops"] <= 0.01,
     }

@@ -45,13 +45,13 @@ def footprint_lines(report: dict, out: str) -> list[str]:
     entropy, shares = report["entropy"], report["rank_share"]
     gates = [g for g in report["gate"] if g["tau"] in (0.5, 1.0, 1.4, 2.0)]
     ratio = f"{entropy['ratio']:.2f}x" if entropy["ratio"] is not None else "-"
+    differing = "-" if entropy["mean_differing"] is None else f"{entropy['mean_differing']:.3f} nats"
     lines = [
         f"{report['positions']} positions of {report['rollouts']} RL completions (RL accuracy "
         f"{report['rl_accuracy']:.3f}): top-1 differs at {report['differ_fraction']:.2%}",
         "RL choice inside the base top-1 / top-5 / top-10: "
         + " / ".join(f"{shares[k]:.2%}" for k in ("1", "5", "10")),
-        f"base entropy where they differ {entropy['mean_differing'] or 0:.3f} nats, overall {entropy['mean_all']:.3f} "
-        f"({ratio})",
+        f"base entropy where they differ {differing}, overall {entropy['mean_all']:.3f} nats ({ratio})",
     ]
     for gate in gates:
         precision = "-" if gate["precision"] is None else f"{gate['precision']:.3f}"
@@ -96,7 +96,10 @@ def footprint_command(base, rl, data, out, samples, temperature, top_p, max_new_
     where they differ, and the precision and recall of the gate "entropy > tau"; writes OUT/footprint.json and,
     with matplotlib (`pip install steer[analysis]`), entropy and rank histograms. Sampling resumes in OUT.
     """
-    workers = Workers(device=current_workers(cpu).device)
+    launched = current_workers(cpu)
+    if launched.world > 1:
+        raise click.UsageError("footprint runs in one process; launch it without accelerate or torchrun")
+    workers = Workers(device=launched.device)
     problems = load_problems(data, question_field=question_field, answer_field=answer_field, limit=limit)
     base_model, rl_model, tokenizer = load_pair(base, rl, workers)
     settings = FootprintSettings(

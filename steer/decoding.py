@@ -120,8 +120,9 @@ def decode_batch(
         model (`PreTrainedModel`), tokenizer (`PreTrainedTokenizerBase`): the model and its tokenizer.
         prompt_ids (`Sequence[Sequence[int]]`): one list of token ids per prompt.
         settings ([`DecodingSettings`]): sampling or greedy, and the length budget.
-        seed (`int`): seeds torch's generator just before decoding, so the same batch decodes the same way twice
-            (the base and steered arms of an evaluation share their random draws).
+        seed (`int`): seeds torch's generator before the processor is built and decoding starts, so the same batch
+            decodes the same way twice (the base and steered arms of an evaluation share their random draws); a
+            processor must not draw from torch's generator (it may read `torch.initial_seed()`).
         processor ([`ProcessorFactory`], *optional*): builds the batch's [`RecordingProcessor`]; the completions
             count the steps where it acted (`gated`) and changed the top-1 (`changed`).
 
@@ -131,9 +132,9 @@ def decode_batch(
     batch = tokenizer.pad({"input_ids": [list(ids) for ids in prompt_ids]}, padding=True, return_tensors="pt")
     batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
     kwargs = {**batch, **settings.generate_kwargs(), "pad_token_id": tokenizer.pad_token_id}
+    torch.manual_seed(seed)
     intervention = processor(batch) if processor is not None else None
     try:
-        torch.manual_seed(seed)
         if intervention is not None:
             kwargs["logits_processor"] = LogitsProcessorList([intervention])
         with torch.inference_mode():

@@ -61,7 +61,8 @@ class Positions:
 
     Attributes:
         entropy (`torch.FloatTensor` of shape `(positions,)`): the base model's entropy (nats).
-        differ (`torch.BoolTensor` of shape `(positions,)`): the two models' top-1 tokens differ.
+        differ (`torch.BoolTensor` of shape `(positions,)`): the RL model's top-1 token is not a top-1 token of the
+            base model (`rank > 1`; a token tied for the base model's first place counts as the same choice).
         rank (`torch.LongTensor` of shape `(positions,)`): 1 + the number of tokens the base model scores strictly
             above the RL model's top-1 (1: the RL choice is the base choice, or tied with it).
     """
@@ -108,16 +109,14 @@ def compare_positions(
 
 
 def _compare(base_logits: torch.Tensor, rl_logits: torch.Tensor) -> Positions:
-    if rl_logits.shape[-1] < base_logits.shape[-1]:
-        raise ValueError(f"the RL model scores {rl_logits.shape[-1]} tokens, the base model {base_logits.shape[-1]}: "
-                         "the two models must share a tokenizer")
-    rl_logits = rl_logits[:, : base_logits.shape[-1]]
-    base_stats, rl_stats = entropy_topk(base_logits, 1), entropy_topk(rl_logits, 1)
-    rl_choice = rl_stats.indices[:, 0]
+    width = min(base_logits.shape[-1], rl_logits.shape[-1])  # vocabularies padded to different sizes
+    base_logits, rl_logits = base_logits[:, :width], rl_logits[:, :width]
+    entropy = entropy_topk(base_logits, 1).entropy
+    rl_choice = entropy_topk(rl_logits, 1).indices[:, 0]
     base_float = base_logits.float()
     chosen = base_float.gather(-1, rl_choice.unsqueeze(-1))
     rank = 1 + (base_float > chosen).sum(-1)
-    return Positions(base_stats.entropy.cpu(), (base_stats.indices[:, 0] != rl_choice).cpu(), rank.cpu())
+    return Positions(entropy.cpu(), (rank > 1).cpu(), rank.cpu())
 
 
 def footprint_report(positions: Positions, taus: Sequence[float] = DEFAULT_TAUS) -> dict:
@@ -246,7 +245,9 @@ def footprint(
     """
     out = Path(out_dir)
     run_rollouts(rl, tokenizer, problems, out / "rollouts", settings.rollouts, progress=progress)
-    rollouts = list(read_jsonl(out / "rollouts" / ROLLOUTS_FILE, (*KEY, "prompt_ids", "completion_ids")))
+    wanted = {problem.id for problem in problems}  # the store may hold other problems from an earlier run
+    rollouts = [r for r in read_jsonl(out / "rollouts" / ROLLOUTS_FILE, (*KEY, "prompt_ids", "completion_ids"))
+                if r["problem_id"] in wanted]
     positions = compare_positions(base, rl, rollouts, settings.max_batch_tokens, progress)
     positions.save(out / POSITIONS_FILE)
     report = {

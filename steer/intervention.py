@@ -7,7 +7,7 @@ recovers: `(accuracy - base) / (rl - base)`. If correcting a few high-entropy de
 arm recovers most of the gain and the random arm little.
 
 Outputs, under the run's folder: `arms/` (base, rl and gated: an evaluation folder), `random/` (the random arm, at
-the gated arm's substitution rate) and `intervention.json`, the report.
+the gated arm's substitution rate over all benchmarks together) and `intervention.json`, the report.
 """
 
 from __future__ import annotations
@@ -82,10 +82,8 @@ class SubstitutionProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         other_logits = self._advance(input_ids)
-        if other_logits.shape[-1] < scores.shape[-1]:
-            raise ValueError(f"the other model scores {other_logits.shape[-1]} tokens, the base model "
-                             f"{scores.shape[-1]}: the two models must share a tokenizer")
-        choice = other_logits[:, : scores.shape[-1]].argmax(-1).to(scores.device)
+        width = min(other_logits.shape[-1], scores.shape[-1])  # vocabularies padded to different sizes
+        choice = other_logits[:, :width].argmax(-1).to(scores.device)
         acted = self._acting_rows(scores)
         forced = torch.full_like(scores, float("-inf")).scatter_(1, choice.unsqueeze(1), 0.0)
         self._acted.append(acted.cpu())
@@ -131,9 +129,10 @@ class SubstitutionProcessor(LogitsProcessor):
 def substitution(other: PreTrainedModel, *, tau: float | None = None, rate: float | None = None,
                  seed: int = 0) -> ProcessorFactory:
     """The factory of [`SubstitutionProcessor`]s for [`decode_batch`] and evaluation arms. With `rate`, each batch
-    draws its random steps from a seed derived from `seed` and the batch's tokens (the same however work is split)."""
+    draws its random steps from a seed derived from `seed` and the batch's decoding seed (which `decode_batch` sets
+    before building the processor), so the draws are the same however work is split and differ between batches."""
     def build(batch: dict[str, torch.Tensor]) -> SubstitutionProcessor:
-        batch_seed = derive_seed(seed, batch["input_ids"].tolist()) if rate is not None else seed
+        batch_seed = derive_seed(seed, torch.initial_seed()) if rate is not None else seed
         return SubstitutionProcessor(other, batch["attention_mask"], tau=tau, rate=rate, seed=batch_seed)
 
     return build

@@ -20,7 +20,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from steer.cli.main import main
 from steer.decoding import DecodingSettings, decode_batch
 from steer.evaluation import EvalSettings
-from steer.footprint import POSITIONS_FILE, FootprintSettings, Positions, footprint, footprint_report
+from steer.footprint import (
+    POSITIONS_FILE,
+    FootprintSettings,
+    Positions,
+    compare_positions,
+    footprint,
+    footprint_report,
+)
 from steer.grading import extract_answer
 from steer.intervention import SubstitutionProcessor, intervene, recovered_share, substitution
 from steer.problems import Problem
@@ -133,6 +140,23 @@ def test_footprint_report_counts_by_hand():
         footprint_report(Positions(torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long)))
 
 
+def test_ties_and_padded_vocabularies_do_not_count_as_changes(planted, digits, tokenizer):
+    """A choice tied for the base model's first place is the same choice; an RL model whose vocabulary is padded
+    larger than the base model's (or the other way round) is compared over the shared part."""
+    base, rl = planted
+    rollout = {"prompt_ids": [digits[1]], "completion_ids": [digits[2], digits[5], digits[6]]}
+    tied = bigram_model(torch.zeros(VOCAB, VOCAB))  # every token tied everywhere
+    assert not compare_positions(tied, rl, [rollout], progress=False).differ.any()
+    padded = bigram_model(torch.zeros(VOCAB, VOCAB))
+    padded.resize_token_embeddings(VOCAB + 5)
+    with torch.no_grad():
+        padded.lm_head.weight.copy_(torch.cat([rl.lm_head.weight, torch.zeros(5, HIDDEN)]))
+        padded.model.embed_tokens.weight.copy_(torch.eye(VOCAB + 5, HIDDEN))
+    for pair in ((base, padded), (padded, base)):
+        positions = compare_positions(*pair, [rollout], progress=False)
+        assert positions.differ.tolist() == [False, False, True]
+
+
 def _prompts(tokenizer, problems):
     return [encode_prompt(tokenizer, build_prompt(tokenizer, p.question)) for p in problems]
 
@@ -165,6 +189,16 @@ def test_substitution_runs_the_other_model_in_lockstep(make_model, tokenizer, pr
     forced = decode_batch(base, tokenizer, prompts, GREEDY, seed=0, processor=substitution(other, rate=1.0))
     assert [c.token_ids for c in forced] == [c.token_ids for c in own]
     assert all(c.gated == c.steps for c in forced)
+
+
+def test_random_steps_follow_the_decoding_seed(make_model, tokenizer, problems):
+    base, other = make_model("llama", seed=1), make_model("llama", seed=2)
+    prompts = _prompts(tokenizer, problems)
+    factory = substitution(other, rate=0.5)
+    masks = {seed: [c.gated for c in decode_batch(base, tokenizer, prompts, GREEDY, seed, factory)] for seed in (1, 2)}
+    again = [c.gated for c in decode_batch(base, tokenizer, prompts, GREEDY, 1, factory)]
+    assert again == masks[1] != masks[2]
+    assert 0 < sum(masks[1]) < sum(c.steps for c in decode_batch(base, tokenizer, prompts, GREEDY, 1))
 
 
 def test_substitution_refuses_bad_arguments(make_model):
