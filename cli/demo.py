@@ -17,7 +17,7 @@ def result_lines(result: DemoResult) -> list[str]:
     """The demo's outcome as text: the accuracy table, the paired test, and where the files went."""
     paired = result.paired_test
     return [
-        f"held-out problems: {result.test_problems}    tau = {result.tau:.3f} nats",
+        f"held-out problems: {result.test_problems}    tau = {result.tau:.3f} nats    strength x{result.scale:g}",
         f"  base     accuracy {result.base_accuracy:.3f}",
         f"  steered  accuracy {result.steered_accuracy:.3f}   "
         f"({result.steered_accuracy - result.base_accuracy:+.3f}, {paired['test']} p = {paired['p_value']:.3g})",

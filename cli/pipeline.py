@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from steer.cli.options import (
@@ -86,6 +88,17 @@ def score(model, rollouts, floor, top_k, max_batch_tokens, cpu, as_json):
         ])
 
 
+def parse_scales(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
+    """`"0.5,1,2"` -> `(0.5, 1.0, 2.0)`, or a usage error naming the bad entry."""
+    try:
+        scales = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from None
+    if any(not math.isfinite(x) or x < 0 for x in scales):
+        raise click.BadParameter(f"strengths must be finite and >= 0, got {value!r}")
+    return scales
+
+
 @click.command()
 @model_option
 @click.option("--rollouts", "-r", required=True, type=click.Path(exists=True, file_okay=False),
@@ -103,17 +116,20 @@ def score(model, rollouts, floor, top_k, max_batch_tokens, cpu, as_json):
               help="How worse-than-average choices are pushed down: bounded (unlikelihood) or the paper's loss.")
 @click.option("--lr", default=3e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--steps", default=150, show_default=True, type=click.IntRange(min=1))
+@click.option("--scales", default="0.5,1,2,4,8", show_default=True, callback=parse_scales,
+              help="Correction strengths tried after training; the best on held-out points is kept.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @cpu_option
 @json_option
 @reports_errors
 def train(model, rollouts, out, tau, tau_quantile, top_k, rank, pool_problems, keep_shortest, kl_weight, objective, lr,
-          steps, seed, cpu, as_json):
+          steps, scales, seed, cpu, as_json):
     """Train a correction head on the scored rollouts (no model forward passes) and save it to OUT."""
     lm, _ = load_model(model, device=current_workers(cpu).device)
     settings = TrainSettings(
         tau=tau, tau_quantile=tau_quantile, top_k=top_k, rank=rank, pool_problems=pool_problems,
-        keep_shortest=keep_shortest, kl_weight=kl_weight, objective=objective, lr=lr, steps=steps, seed=seed,
+        keep_shortest=keep_shortest, kl_weight=kl_weight, objective=objective, lr=lr, steps=steps, scales=scales,
+        seed=seed,
     )
     result = train_head(lm, rollouts, settings)
     result.save(out)
@@ -122,5 +138,6 @@ def train(model, rollouts, out, tau, tau_quantile, top_k, rank, pool_problems, k
     emit({"head": out, **record}, as_json, [
         f"pool: {pool['problems']} problems, {pool['rollouts']} rollouts; tau = {record['tau']:.3f} nats "
         f"({pool['train_points']} training and {pool['heldout_points']} held-out decision points)",
-        f"selected step {record['selected_step']} of {steps} by held-out gain; {record['seconds']:.1f} s -> {out}",
+        f"selected step {record['selected_step']} of {steps} and strength x{record['scale']:g} by held-out gain; "
+        f"{record['seconds']:.1f} s -> {out}",
     ])

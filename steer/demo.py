@@ -19,6 +19,7 @@ from steer import world
 from steer.decoding import DecodingSettings
 from steer.distributed import Workers
 from steer.evaluation import EvalSettings, evaluate
+from steer.head import CorrectionHead
 from steer.models import load_model
 from steer.problems import Problem, load_problems
 from steer.prompts import DEFAULT_INSTRUCTION
@@ -84,6 +85,7 @@ class DemoResult:
     gated_fraction: float
     changed_fraction: float
     tau: float
+    scale: float
     seconds: float
     head: Path
     out_dir: Path
@@ -179,7 +181,7 @@ def run_demo(
                      "train_points": trained.record["pool"]["train_points"]},
         "evaluation": {"seconds": summary["run"]["seconds"], "tokens_per_second": summary["run"]["tokens_per_second"]},
     }
-    return _result(summary["benchmarks"]["test"], trained.head.tau, time.perf_counter() - start, out,
+    return _result(summary["benchmarks"]["test"], trained.head, time.perf_counter() - start, out,
                    str(model_path), settings, stages)
 
 
@@ -187,14 +189,14 @@ def _seeded(train: TrainSettings, seed: int) -> TrainSettings:
     return TrainSettings(**{**asdict(train), "seed": seed})
 
 
-def _result(summary: dict, tau: float, seconds: float, out: Path, model: str, settings: DemoSettings,
+def _result(summary: dict, head: CorrectionHead, seconds: float, out: Path, model: str, settings: DemoSettings,
             stages: dict) -> DemoResult:
     steered = summary["steered"]
     result = DemoResult(
         base_accuracy=summary["base"]["accuracy"], steered_accuracy=steered["accuracy"],
         test_problems=steered["problems"], paired_test=summary["paired"], gated_fraction=steered["gated_fraction"],
-        changed_fraction=steered["changed_fraction"], tau=tau, seconds=seconds, head=out / "head", out_dir=out,
-        model=model, seed=settings.seed, stages=stages,
+        changed_fraction=steered["changed_fraction"], tau=head.tau, scale=head.scale, seconds=seconds,
+        head=out / "head", out_dir=out, model=model, seed=settings.seed, stages=stages,
     )
     atomic_write_json(out / RESULT_FILE, {**asdict(result), "head": str(result.head), "out_dir": str(out),
                                           "settings": asdict(settings)})

@@ -80,8 +80,8 @@ class Arm:
     digest: str | None = None
 
     @classmethod
-    def steered(cls, model: PreTrainedModel, head: CorrectionHead) -> Arm:
-        return cls("steered", model, steering(model, head), _head_digest(head))
+    def steered(cls, model: PreTrainedModel, head: CorrectionHead, name: str = "steered") -> Arm:
+        return cls(name, model, steering(model, head), _head_digest(head))
 
     def describe(self) -> dict:
         return {"model": self.model.name_or_path, "processor": self.digest}
@@ -175,11 +175,11 @@ def evaluate(
 
 
 def _head_digest(head: CorrectionHead | None) -> str | None:
-    """A short content hash of a head's weights and gating, so a resumed run cannot switch heads."""
+    """A short content hash of a head's weights, gating and strength, so a resumed run cannot switch heads."""
     if head is None:
         return None
     weights = save({name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()})
-    return hashlib.sha256(weights + repr((head.tau, head.top_k)).encode()).hexdigest()[:16]
+    return hashlib.sha256(weights + repr((head.tau, head.top_k, head.scale)).encode()).hexdigest()[:16]
 
 
 def _record(unit: _Unit, arm: str, completion: Completion) -> dict:

@@ -50,6 +50,8 @@ class HeadConfig:
         tau (`float`, defaults to 1.4): entropy threshold (nats) above which a position is a decision point.
         tau_quantile (`float`, *optional*): if `tau` was resolved from a quantile of the base entropy over the
             training rollouts, that quantile (for the record; `tau` is what decoding uses).
+        scale (`float`, defaults to 1.0): the correction's strength, a factor on `U V^T h`; training chooses it on
+            held-out decision points (see [`TrainSettings.scales`]).
         model_name_or_path (`str`, *optional*): the model the head was made for.
         embedding_fingerprint (`list[float]`): a few projections of the output embedding (see
             [`embedding_fingerprint`]); empty for a head built without a model.
@@ -61,6 +63,7 @@ class HeadConfig:
     top_k: int = 5
     tau: float = 1.4
     tau_quantile: float | None = None
+    scale: float = 1.0
     model_name_or_path: str | None = None
     embedding_fingerprint: list[float] = field(default_factory=list)
 
@@ -70,6 +73,8 @@ class HeadConfig:
                 raise ValueError(f"HeadConfig.{name} must be a positive integer; got {getattr(self, name)!r}")
         if math.isnan(self.tau):
             raise ValueError("HeadConfig.tau must be a number of nats (float('inf') disables steering); got nan")
+        if not math.isfinite(self.scale) or self.scale < 0:
+            raise ValueError(f"HeadConfig.scale must be a finite number >= 0; got {self.scale!r}")
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> HeadConfig:
@@ -147,7 +152,8 @@ class CorrectionHead(
     Args:
         config ([`HeadConfig`]): sizes, gating parameters and what the head was made for.
 
-    Attributes `top_k` and `tau` can be changed after construction (for sweeps); `rank` is fixed by the weights.
+    Attributes `top_k`, `tau` and `scale` can be changed after construction (for sweeps); `rank` is fixed by the
+    weights.
 
     Example:
 
@@ -224,8 +230,18 @@ class CorrectionHead(
             raise ValueError("tau must be a number of nats (float('inf') disables steering); got nan")
         self.config.tau = float(value)
 
+    @property
+    def scale(self) -> float:
+        return self.config.scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"scale must be a finite number >= 0; got {value!r}")
+        self.config.scale = float(value)
+
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The part of the correction that does not depend on the candidates: `U V^T h`.
+        """The part of the correction that does not depend on the candidates: `scale * U V^T h`.
 
         Args:
             hidden (`torch.Tensor` of shape `(..., hidden_size)`): final hidden states, any float dtype.
@@ -234,7 +250,8 @@ class CorrectionHead(
             `torch.FloatTensor` of shape `(..., hidden_size)`, on the head's device.
         """
         hidden = hidden.to(self.up.device, self.up.dtype)
-        return (hidden @ self.down) @ self.up.T
+        projected = (hidden @ self.down) @ self.up.T
+        return projected if self.scale == 1.0 else projected * self.scale
 
     def forward(self, hidden: torch.Tensor, candidate_embeddings: torch.Tensor) -> torch.Tensor:
         """The correction of each candidate.

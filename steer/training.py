@@ -61,6 +61,9 @@ class TrainSettings:
         lr (`float`, defaults to 3e-3), steps (`int`, defaults to 150), warmup_steps (`int`, defaults to 50),
             rollouts_per_step (`int`, defaults to 8), grad_clip (`float`, defaults to 1.0): AdamW schedule.
         heldout_fraction (`float`, defaults to 0.2): share of pool problems held out to choose the checkpoint.
+        scales (`tuple[float, ...]`, defaults to `(0.5, 1, 2, 4, 8)`): the correction strengths tried after training;
+            the head keeps the one with the best held-out gain (training stops early, by held-out gain, before the
+            correction grows large, so a trained head is often too timid). `(1.0,)` keeps the trained strength.
         eval_every (`int`, defaults to 10): steps between held-out evaluations.
         objective (`str`, defaults to `"unlikelihood"`): `"unlikelihood"` or the paper's `"recipe"` (module docstring).
         seed (`int`, defaults to 0).
@@ -80,6 +83,7 @@ class TrainSettings:
     rollouts_per_step: int = 8
     grad_clip: float = 1.0
     heldout_fraction: float = 0.2
+    scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     eval_every: int = 10
     objective: str = "unlikelihood"
     seed: int = 0
@@ -87,6 +91,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if not self.scales or any(not math.isfinite(x) or x < 0 for x in self.scales):
+            raise ValueError(f"scales must be one or more finite numbers >= 0; got {self.scales!r}")
 
 
 @dataclass
@@ -234,6 +240,7 @@ def train_head(
     head = CorrectionHead.for_model(model, rank=settings.rank, top_k=settings.top_k, tau=tau, seed=settings.seed)
     head.config.tau_quantile = settings.tau_quantile
     fit = fit_head(head, train, heldout, embedding, settings, progress)
+    scale_gains = choose_scale(head, heldout, embedding, settings)
     record = {
         "steer": __version__,
         "model": model.name_or_path,
@@ -252,6 +259,8 @@ def train_head(
         "curve": fit.curve,
         "heldout": fit.evaluations,
         "selected_step": fit.selected_step,
+        "scale": head.scale,
+        "scale_gains": scale_gains,
         "seconds": time.perf_counter() - start,
     }
     return TrainResult(head, record)
@@ -329,6 +338,22 @@ def fit_head(
     head.load_state_dict(best["state"])
     head.eval()
     return Fit(curve, evaluations, best["step"])
+
+
+def choose_scale(
+    head: CorrectionHead, heldout: DecisionBatch, embedding: torch.Tensor, settings: TrainSettings
+) -> dict[str, float]:
+    """Set `head.scale` to the strength in `settings.scales` with the best held-out gain (the smallest of equals;
+    1.0 when there are no held-out points) and return the gain of each strength tried."""
+    if not len(heldout):
+        head.scale = 1.0
+        return {}
+    gains = {}
+    for scale in sorted(settings.scales):
+        head.scale = scale
+        gains[scale] = _evaluate(head, heldout, embedding, settings)["gain"]
+    head.scale = max(gains, key=lambda scale: gains[scale])
+    return {str(scale): gain for scale, gain in gains.items()}
 
 
 @torch.no_grad()

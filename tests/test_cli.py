@@ -43,3 +43,10 @@ def test_info_json_reports_versions_and_device():
 def test_python_dash_m_runs_the_same_command():
     out = subprocess.run([sys.executable, "-m", "steer", "--version"], capture_output=True, text=True, check=True)
     assert __version__ in out.stdout
+
+
+@pytest.mark.parametrize("scales, message", [("1,two", "expected numbers"), ("1,-2", "finite and >= 0")])
+def test_train_refuses_bad_strengths(tmp_path, scales, message):
+    result = CliRunner().invoke(main, ["train", "-m", "unused", "-r", str(tmp_path), "-o", str(tmp_path / "head"),
+                                       "--scales", scales])
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -35,6 +35,19 @@ def test_forward_is_the_bilinear_form(seed):
     torch.testing.assert_close(head(hidden, candidates), expected)
 
 
+def test_scale_multiplies_the_correction(seed):
+    head = CorrectionHead(HeadConfig(hidden_size=6, vocab_size=10, rank=2))
+    torch.nn.init.normal_(head.up)
+    hidden, candidates = torch.randn(3, 6), torch.randn(3, 4, 6)
+    plain = head(hidden, candidates)
+    head.scale = 2.5
+    torch.testing.assert_close(head(hidden, candidates), 2.5 * plain)
+    torch.testing.assert_close(head.project(hidden), 2.5 * (hidden @ head.down @ head.up.T))
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale"):
+            head.scale = bad
+
+
 def test_settable_gating_parameters_are_validated():
     head = CorrectionHead(HeadConfig(hidden_size=4, vocab_size=8))
     head.tau, head.top_k = float("inf"), 2
@@ -52,7 +65,7 @@ def test_settable_gating_parameters_are_validated():
 def test_save_and_load_round_trip(make_model, tmp_path, seed):
     head = CorrectionHead.for_model(make_model("qwen2"), rank=3, top_k=4, tau=1.1)
     torch.nn.init.normal_(head.up)
-    head.tau = 0.9  # a change after construction is saved too
+    head.tau, head.scale = 0.9, 4.0  # changes after construction are saved too
     head.save_pretrained(tmp_path / "head")
     files = sorted(p.name for p in (tmp_path / "head").iterdir())
     assert "head.safetensors" in files and "config.json" in files and not [f for f in files if f.endswith(".tmp")]

@@ -13,6 +13,7 @@ from steer.training import (
     DecisionBatch,
     TrainSettings,
     _schedule,
+    choose_scale,
     contrastive_loss,
     decision_batch,
     fit_head,
@@ -166,6 +167,30 @@ def test_gain_is_bounded_and_signed():
     """The held-out gain A (q/p - 1) is positive when the head favours a rewarded choice, at most A (1/p - 1)."""
     gains = [loss_parts(shift, 1.0)["gain"] for shift in (-3.0, 0.0, 3.0, 50.0)]
     assert gains[0] < 0 == gains[1] < gains[2] < gains[3] <= 1.0 + 1e-6
+
+
+def test_strength_is_chosen_by_held_out_gain(seed):
+    """A head that points the right way but timidly is made stronger; one that points the wrong way is damped to
+    the smallest strength tried; the choice is the argmax of the recorded gains."""
+    world = World(seed)
+    records, features = world.rollouts(200, torch.Generator().manual_seed(seed))
+    pool = select_pool(records, problems=200, keep_shortest=1.0)
+    points = decision_batch(features, pool.advantages, tau=1.0, top_k=K)
+    head = CorrectionHead(HeadConfig(hidden_size=HIDDEN, vocab_size=VOCAB, rank=HIDDEN, top_k=K, tau=1.0))
+    with torch.no_grad():  # delta_j = 0.01 <W_u[j], M h>: the right candidate's logit is the largest, barely
+        head.down.copy_(torch.eye(HIDDEN))
+        head.up.copy_(0.01 * world.mixing)
+    settings = TrainSettings(scales=(0.5, 1.0, 10.0, 100.0))
+    gains = choose_scale(head, points, world.embedding, settings)
+    assert head.scale == 100.0 and max(gains, key=gains.get) == "100.0" and gains["100.0"] > gains["1.0"]
+    with torch.no_grad():
+        head.up.neg_()
+    choose_scale(head, points, world.embedding, settings)
+    assert head.scale == 0.5
+    choose_scale(head, points.select(torch.zeros(len(points), dtype=torch.bool)), world.embedding, settings)
+    assert head.scale == 1.0
+    with pytest.raises(ValueError, match="scales"):
+        TrainSettings(scales=())
 
 
 def test_unknown_objective_is_refused():
