@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import click
 
 from steer.cli.options import (
@@ -17,6 +15,7 @@ from steer.cli.options import (
 )
 from steer.decoding import DecodingSettings
 from steer.distributed import current_workers
+from steer.head import check_scale
 from steer.models import load_model
 from steer.problems import load_problems
 from steer.rollout import RolloutSettings, run_rollouts
@@ -89,14 +88,11 @@ def score(model, rollouts, floor, top_k, max_batch_tokens, cpu, as_json):
 
 
 def parse_scales(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
-    """`"0.5,1,2"` -> `(0.5, 1.0, 2.0)`, or a usage error naming the bad entry."""
+    """`"0.5,1,2"` -> `(0.5, 1.0, 2.0)`, or a usage error showing the bad value."""
     try:
-        scales = tuple(float(part) for part in value.split(","))
+        return tuple(check_scale(float(part)) for part in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from None
-    if any(not math.isfinite(x) or x < 0 for x in scales):
-        raise click.BadParameter(f"strengths must be finite and >= 0, got {value!r}")
-    return scales
+        raise click.BadParameter(f"expected numbers separated by commas, each finite and >= 0; got {value!r}") from None
 
 
 @click.command()

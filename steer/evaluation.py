@@ -174,10 +174,8 @@ def evaluate(
     return summary
 
 
-def _head_digest(head: CorrectionHead | None) -> str | None:
+def _head_digest(head: CorrectionHead) -> str:
     """A short content hash of a head's weights, gating and strength, so a resumed run cannot switch heads."""
-    if head is None:
-        return None
     weights = save({name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()})
     return hashlib.sha256(weights + repr((head.tau, head.top_k, head.scale)).encode()).hexdigest()[:16]
 

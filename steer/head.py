@@ -34,6 +34,13 @@ FINGERPRINT_SEED = 20260511
 FINGERPRINT_TOLERANCE = 0.02
 
 
+def check_scale(value: float) -> float:
+    """`value` as a correction strength (a finite number >= 0), or a `ValueError` saying what it was."""
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"a correction strength (scale) must be a finite number >= 0; got {value!r}")
+    return float(value)
+
+
 class HeadMismatchError(ValueError):
     """Raised when a correction head is used with a model it was not made for."""
 
@@ -73,8 +80,7 @@ class HeadConfig:
                 raise ValueError(f"HeadConfig.{name} must be a positive integer; got {getattr(self, name)!r}")
         if math.isnan(self.tau):
             raise ValueError("HeadConfig.tau must be a number of nats (float('inf') disables steering); got nan")
-        if not math.isfinite(self.scale) or self.scale < 0:
-            raise ValueError(f"HeadConfig.scale must be a finite number >= 0; got {self.scale!r}")
+        check_scale(self.scale)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> HeadConfig:
@@ -236,9 +242,7 @@ class CorrectionHead(
 
     @scale.setter
     def scale(self, value: float) -> None:
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"scale must be a finite number >= 0; got {value!r}")
-        self.config.scale = float(value)
+        self.config.scale = check_scale(value)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The part of the correction that does not depend on the candidates: `scale * U V^T h`.

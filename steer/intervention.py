@@ -174,48 +174,37 @@ def intervene(
     out = Path(out_dir)
     digest = f"tau={tau}"
     arms = [Arm("base", base), Arm("rl", rl), Arm("gated", base, substitution(rl, tau=tau), digest)]
-    evaluate(base, tokenizer, benchmarks, out / "arms", settings, arms=arms, workers=workers, progress=progress)
+    arm_summary = evaluate(base, tokenizer, benchmarks, out / "arms", settings, arms=arms, workers=workers,
+                           progress=progress)
     workers.wait()
     rate = substitution_rate(out / "arms" / PREDICTIONS_FILE, "gated")
     random_arm = Arm("random", base, substitution(rl, rate=rate, seed=settings.seed), f"rate={rate!r}")
-    evaluate(base, tokenizer, benchmarks, out / "random", settings, arms=[random_arm], workers=workers,
-             progress=progress)
-    workers.wait()
+    random_summary = evaluate(base, tokenizer, benchmarks, out / "random", settings, arms=[random_arm],
+                              workers=workers, progress=progress)
     if not workers.is_main:
         return {}
-    records = [*read_jsonl(out / "arms" / PREDICTIONS_FILE), *read_jsonl(out / "random" / PREDICTIONS_FILE)]
-    report = {"tau": tau, "random_rate": rate, "benchmarks": intervention_report(records)}
+    report = {"tau": tau, "random_rate": rate, "benchmarks": {
+        name: intervention_report({**arm_summary["benchmarks"][name], **random_summary["benchmarks"][name]})
+        for name in benchmarks
+    }}
     atomic_write_json(out / REPORT_FILE, report)
     return report
 
 
 def substitution_rate(predictions: Path, arm: str) -> float:
     """Substituted steps over all steps of `arm` in a predictions file."""
-    return _arm_row([r for r in read_jsonl(predictions) if r["arm"] == arm])["substituted"]
-
-
-def intervention_report(records: Sequence[dict]) -> dict:
-    """Per benchmark and arm: accuracy (over every prediction), `substituted` and `changed` (over steps), and the
-    share of the RL gain recovered (for the base model with substitutions)."""
-    grouped: dict[str, dict[str, list[dict]]] = {}
-    for record in records:
-        grouped.setdefault(record["benchmark"], {}).setdefault(record["arm"], []).append(record)
-    report = {}
-    for name, arms in grouped.items():
-        rows = {arm: _arm_row(rs) for arm, rs in arms.items()}
-        base, rl = rows.get("base", {}).get("accuracy"), rows.get("rl", {}).get("accuracy")
-        for arm in ("gated", "random"):
-            if arm in rows and base is not None and rl is not None:
-                rows[arm]["recovered"] = recovered_share(base, rl, rows[arm]["accuracy"])
-        report[name] = rows
-    return report
-
-
-def _arm_row(records: Sequence[dict]) -> dict:
+    records = [r for r in read_jsonl(predictions) if r["arm"] == arm]
     steps = sum(r["steps"] for r in records)
-    return {
-        "predictions": len(records),
-        "accuracy": sum(bool(r["correct"]) for r in records) / len(records) if records else 0.0,
-        "substituted": sum(r["gated"] for r in records) / steps if steps else 0.0,
-        "changed": sum(r["changed"] for r in records) / steps if steps else 0.0,
-    }
+    return sum(r["gated"] for r in records) / steps if steps else 0.0
+
+
+def intervention_report(arms: Mapping[str, dict]) -> dict:
+    """One benchmark's rows from its evaluation summaries by arm (see [`summarize`]): each arm's accuracy,
+    `substituted` and `changed` (shares of steps), and for the substitution arms the share of the RL gain
+    recovered."""
+    rows = {arm: {"predictions": a["predictions"], "accuracy": a["accuracy"], "substituted": a["gated_fraction"],
+                  "changed": a["changed_fraction"]} for arm, a in arms.items()}
+    for arm in ("gated", "random"):
+        rows[arm]["recovered"] = recovered_share(rows["base"]["accuracy"], rows["rl"]["accuracy"],
+                                                 rows[arm]["accuracy"])
+    return rows

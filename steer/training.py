@@ -33,7 +33,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from steer.head import CorrectionHead, HeadMismatchError, embedding_fingerprint, fingerprints_match, output_embedding
+from steer.head import (
+    CorrectionHead,
+    HeadMismatchError,
+    check_scale,
+    embedding_fingerprint,
+    fingerprints_match,
+    output_embedding,
+)
 from steer.pool import Features, Key, Pool, load_features, load_rollouts, resolve_tau, select_pool
 from steer.rollout import ROLLOUTS_FILE
 from steer.scoring import INDEX_FILE, SCORES_DIR
@@ -91,8 +98,10 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
-        if not self.scales or any(not math.isfinite(x) or x < 0 for x in self.scales):
-            raise ValueError(f"scales must be one or more finite numbers >= 0; got {self.scales!r}")
+        if not self.scales:
+            raise ValueError("scales must hold at least one correction strength")
+        for scale in self.scales:
+            check_scale(scale)
 
 
 @dataclass
