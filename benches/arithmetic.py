@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from steer.problems import Problem
+from steer.pipeline.problems import Problem
 
 DEFAULT_OUT = Path(__file__).parent / "data" / "arithmetic.jsonl"
 

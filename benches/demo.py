@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from steer.demo import DemoSettings, run_demo
-from steer.store import atomic_write_json
+from steer.files import atomic_write_json
+from steer.world.demo import DemoSettings, run_demo
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from steer import CorrectionHead
-from steer.decoding import DecodingSettings
-from steer.evaluation import EvalSettings, evaluate
+from steer.files import atomic_write_json
 from steer.models import load_model
-from steer.problems import Problem
-from steer.prompts import build_prompt
-from steer.store import atomic_write_json
+from steer.pipeline.decoding import DecodingSettings
+from steer.pipeline.evaluation import EvalSettings, evaluate
+from steer.pipeline.problems import Problem
+from steer.pipeline.prompts import build_prompt
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -58,8 +58,8 @@ def plain_loop(model, tokenizer, problems: list[Problem], settings: EvalSettings
 
 def steer_eval(model, tokenizer, problems, settings, head=None) -> tuple[int, float]:
     with tempfile.TemporaryDirectory() as out:
-        run = evaluate(model, tokenizer, {"arithmetic": problems}, out, settings, head=head, progress=False)["run"]
-    return run["new_tokens"], run["seconds"]
+        run = evaluate(model, tokenizer, {"arithmetic": problems}, out, settings, head=head, progress=False).run
+    return run.tokens, run.seconds
 
 
 def main() -> None:

@@ -28,11 +28,11 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from steer import world
-from steer.decoding import DecodingSettings, decode_batch, derive_seed
-from steer.grading import grade
+from steer.files import atomic_write_json
 from steer.models import load_model
-from steer.prompts import build_prompt, encode_prompt
-from steer.store import atomic_write_json
+from steer.pipeline.decoding import DecodingSettings, decode_batch, derive_seed
+from steer.pipeline.grading import grade
+from steer.pipeline.prompts import build_prompt, encode_prompt
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL_OUT = ROOT / "models" / "world-grpo"

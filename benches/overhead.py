@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import steer
-from steer.store import atomic_write_json
+from steer.files import atomic_write_json
 
 RESULTS = Path(__file__).parent / "results"
 QUESTIONS = [f"What is {17 * i + 3} plus {29 * i + 11}? Answer in one sentence." for i in range(64)]

@@ -22,21 +22,22 @@ import json
 import platform
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from steer import world
-from steer.decoding import DecodingSettings
-from steer.demo import DemoSettings, run_demo, world_problems
-from steer.evaluation import Arm, EvalSettings, evaluate
-from steer.footprint import FootprintSettings, footprint
+from steer.analysis.footprint import FootprintSettings, footprint
+from steer.analysis.intervention import intervene
+from steer.files import atomic_write_json, atomic_write_text
 from steer.head import CorrectionHead
-from steer.intervention import intervene
 from steer.models import load_model
-from steer.rollout import ROLLOUTS_FILE, RolloutSettings
-from steer.store import atomic_write_json, atomic_write_text, read_jsonl
+from steer.pipeline.decoding import DecodingSettings
+from steer.pipeline.evaluation import Arm, EvalSettings, evaluate
+from steer.pipeline.folders.rollouts import RolloutFolder
+from steer.pipeline.rollout import RolloutSettings
+from steer.world.demo import DemoSettings, run_demo, world_problems
 
 ROOT = Path(__file__).resolve().parent
 GRPO_MODEL = ROOT / "models" / "world-grpo"
@@ -55,7 +56,7 @@ def head_compute(demo_dir: Path, parameters: int) -> dict:
     """Seconds and estimated FLOPs of the head's making: rollouts, scoring and head training."""
     demo = json.loads((demo_dir / "demo.json").read_text())
     training = json.loads((demo_dir / "head" / "training.json").read_text())
-    rollouts = list(read_jsonl(demo_dir / "rollouts" / ROLLOUTS_FILE))
+    rollouts = RolloutFolder(demo_dir / "rollouts").records(("prompt_ids", "completion_ids"))
     tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rollouts)
     head = CorrectionHead.from_pretrained(demo_dir / "head")
     head_parameters = sum(p.numel() for p in head.parameters())
@@ -119,7 +120,7 @@ def markdown(table: dict) -> str:
         "",
         "| arm | accuracy | substituted steps | RL gain recovered |",
         "|---|---|---|---|",
-        *(f"| {arm} | {row['accuracy']:.3f} | {percent(row['substituted']) if arm in ('gated', 'random') else '-'} | "
+        *(f"| {arm} | {row['accuracy']:.3f} | {percent(row['gated']) if arm in ('gated', 'random') else '-'} | "
           f"{percent(row.get('recovered'))} |" for arm, row in iv["arms"].items()),
         "",
         "## Goals",
@@ -155,11 +156,12 @@ def main() -> None:
                                  instruction=world.INSTRUCTION, decoding=decoding)
     arms = [Arm("base", base), *(Arm.steered(base, h, name) for name, h in heads.items()), Arm("grpo", rl)]
     summary = evaluate(base, tokenizer, {"test": test}, args.out / "eval", eval_settings,
-                       arms=arms)["benchmarks"]["test"]
+                       arms=arms).to_json()["benchmarks"]["test"]["arms"]
     rollouts = RolloutSettings(samples=args.samples, batch_size=settings.batch_size, seed=args.seed,
                                instruction=world.INSTRUCTION, decoding=decoding)
-    fp = footprint(base, rl, tokenizer, test, args.out / "footprint", FootprintSettings(rollouts=rollouts))
-    iv = intervene(base, rl, tokenizer, {"test": test}, args.out / "intervene", eval_settings, tau=head.tau)
+    fp_result = footprint(base, rl, tokenizer, test, args.out / "footprint", FootprintSettings(rollouts=rollouts))
+    fp = asdict(fp_result.report)
+    iv = asdict(intervene(base, rl, tokenizer, {"test": test}, args.out / "intervene", eval_settings, tau=head.tau))
     fp["gate_at_tau"] = min(fp["gate"], key=lambda g: abs(g["tau"] - head.tau))
 
     compute = {"grpo": {"seconds": grpo["best"]["train_seconds"], "flops": grpo["best"]["flops"],

@@ -1,6 +1,7 @@
-"""Train the built-in world's base model: a small Llama that reads and writes characters (see `steer/world.py`).
+"""Train the built-in world's base model: a small Llama that reads and writes characters
+(see `steer/world/generator.py`).
 
-    python benches/train_world_model.py                 # writes steer/assets/world-model (about 27 minutes on 2 cores)
+    python benches/train_world_model.py      # writes steer/world/assets/world-model (about 27 minutes on 2 cores)
     python benches/train_world_model.py --steps 200 --out /tmp/m   # a quick smoke run
 
 Seeded and reproducible on the same machine and library versions. It trains on freshly drawn training problems
@@ -23,14 +24,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import steer
 from steer import world
-from steer.decoding import DecodingSettings, decode_batch
-from steer.grading import grade
-from steer.prompts import build_prompt, encode_prompt
-from steer.store import atomic_write_json
-from steer.tokenizer import char_tokenizer
+from steer.files import atomic_write_json
+from steer.pipeline.decoding import DecodingSettings, decode_batch
+from steer.pipeline.grading import grade
+from steer.pipeline.prompts import build_prompt, encode_prompt
+from steer.world.tokenizer import char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "steer" / "assets" / "world-model"
+DEFAULT_OUT = ROOT / "steer" / "world" / "assets" / "world-model"
 RESULTS = ROOT / "benches" / "results" / "world-model.json"
 
 

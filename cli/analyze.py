@@ -6,25 +6,19 @@ from pathlib import Path
 
 import click
 
-from steer.cli.evaluate import benchmarks_option, load_benchmarks
-from steer.cli.options import (
-    cpu_option,
-    data_options,
-    decoding_options,
-    emit,
-    json_option,
-    reports_errors,
-)
-from steer.decoding import DecodingSettings
-from steer.distributed import Workers, current_workers
-from steer.evaluation import EvalSettings
-from steer.footprint import REPORT_FILE as FOOTPRINT_FILE
-from steer.footprint import FootprintSettings, footprint
-from steer.intervention import REPORT_FILE as INTERVENTION_FILE
-from steer.intervention import intervene
+from steer.analysis.footprint import REPORT_FILE as FOOTPRINT_FILE
+from steer.analysis.footprint import FootprintResult, FootprintSettings, footprint
+from steer.analysis.headroom import REPORT_FILE as HEADROOM_FILE
+from steer.analysis.headroom import HeadroomReport, HeadroomSettings, headroom
+from steer.analysis.intervention import DEFAULT_TAU, InterventionReport, intervene
+from steer.analysis.intervention import REPORT_FILE as INTERVENTION_FILE
+from steer.cli.evaluate import load_benchmarks
+from steer.cli.options import cpu_option, data_options, emit, json_option, model_option, out_option
+from steer.cli.settings import settings_from, settings_options
 from steer.models import load_model
-from steer.problems import load_problems
-from steer.rollout import RolloutSettings
+from steer.pipeline.distributed import Workers, current_workers
+from steer.pipeline.evaluation import EvalSettings
+from steer.pipeline.problems import load_problems
 
 
 def pair_options(command):
@@ -41,55 +35,90 @@ def load_pair(base: str, rl: str, workers: Workers):
     return base_model, rl_model, tokenizer
 
 
-def footprint_lines(report: dict, out: str) -> list[str]:
-    entropy, shares = report["entropy"], report["rank_share"]
-    gates = [g for g in report["gate"] if g["tau"] in (0.5, 1.0, 1.4, 2.0)]
-    ratio = f"{entropy['ratio']:.2f}x" if entropy["ratio"] is not None else "-"
-    differing = "-" if entropy["mean_differing"] is None else f"{entropy['mean_differing']:.3f} nats"
+def footprint_lines(result: FootprintResult, out: str) -> list[str]:
+    report = result.report
+    entropy, shares = report.entropy, report.rank_share
+    gates = [g for g in report.gate if g.tau in (0.5, 1.0, 1.4, 2.0)]
+    ratio = f"{entropy.ratio:.2f}x" if entropy.ratio is not None else "-"
+    differing = "-" if entropy.mean_differing is None else f"{entropy.mean_differing:.3f} nats"
     lines = [
-        f"{report['positions']} positions of {report['rollouts']} RL completions (RL accuracy "
-        f"{report['rl_accuracy']:.3f}): top-1 differs at {report['differ_fraction']:.2%}",
-        "RL choice inside the base top-1 / top-5 / top-10: "
-        + " / ".join(f"{shares[k]:.2%}" for k in ("1", "5", "10")),
-        f"base entropy where they differ {differing}, overall {entropy['mean_all']:.3f} nats ({ratio})",
+        f"{report.positions} positions of {result.rollouts} RL completions (RL accuracy "
+        f"{result.rl_accuracy:.3f}): top-1 differs at {report.differ_fraction:.2%}",
+        "RL choice inside the base top-1 / top-5 / top-10: " + " / ".join(f"{shares[k]:.2%}" for k in ("1", "5", "10")),
+        f"base entropy where they differ {differing}, overall {entropy.mean_all:.3f} nats ({ratio})",
     ]
     for gate in gates:
-        precision = "-" if gate["precision"] is None else f"{gate['precision']:.3f}"
-        recall = "-" if gate["recall"] is None else f"{gate['recall']:.3f}"
-        lines.append(f"  entropy > {gate['tau']}: gates {gate['gated_fraction']:.2%} of positions, "
+        precision = "-" if gate.precision is None else f"{gate.precision:.3f}"
+        recall = "-" if gate.recall is None else f"{gate.recall:.3f}"
+        lines.append(f"  entropy > {gate.tau}: gates {gate.gated_fraction:.2%} of positions, "
                      f"precision {precision}, recall {recall}")
-    return [*lines, f"-> {Path(out) / FOOTPRINT_FILE}", *(f"-> {plot}" for plot in report["plots"])]
+    return [*lines, f"-> {Path(out) / FOOTPRINT_FILE}", *(f"-> {plot}" for plot in result.plots)]
 
 
-def intervention_lines(report: dict, out: str) -> list[str]:
+def intervention_lines(report: InterventionReport, out: str) -> list[str]:
     lines = []
-    for name, arms in report["benchmarks"].items():
+    for name, arms in report.benchmarks.items():
         for arm, row in arms.items():
-            share = row.get("recovered")
-            recovered = f", recovers {share:.1%} of the RL gain" if share is not None else ""
-            acted = f", substituted at {row['substituted']:.2%} of steps" if arm in ("gated", "random") else ""
-            lines.append(f"{name} {arm:>6}: accuracy {row['accuracy']:.3f}{acted}{recovered}")
+            recovered = f", recovers {row.recovered:.1%} of the RL gain" if row.recovered is not None else ""
+            gated = f", substituted at {row.gated:.2%} of steps" if arm in ("gated", "random") else ""
+            lines.append(f"{name} {arm:>6}: accuracy {row.accuracy:.3f}{gated}{recovered}")
     return [*lines, f"-> {Path(out) / INTERVENTION_FILE}"]
+
+
+def headroom_lines(report: HeadroomReport, out: str) -> list[str]:
+    lines = [
+        f"{report.problems} problems: base accuracy {report.base_accuracy:.3f}, {report.failures} failures, "
+        f"{report.branched} with a decision point above tau = {report.tau:.3f} nats",
+        f"tries per failure: {report.tries_per_failure:.1f} in each arm",
+    ]
+    for arm, row in report.arms.items():
+        lines.append(f"  {arm:>8}: fixes {row.fixed}/{report.failures} failures ({row.fixed_share:.1%}); "
+                     f"{row.try_success:.1%} of tries succeed")
+    lines += [
+        f"ceiling (any decision-point switch) {report.ceiling_accuracy:.3f}; oracle at the first decision point "
+        f"{report.oracle_accuracy:.3f}",
+        f"fixing tokens by base rank: {report.rank_counts or '-'}",
+        f"-> {Path(out) / HEADROOM_FILE}",
+    ]
+    return lines
 
 
 @click.group()
 def analyze() -> None:
-    """Compare a base model with its RL-trained version: where RL changed choices, and whether they matter."""
+    """Where steering could act and what it could gain: headroom on one model, or a base model against its
+    RL-trained version (footprint, intervention)."""
+
+
+@analyze.command("headroom")
+@model_option
+@data_options()
+@out_option("Folder for the analysis.")
+@settings_options(HeadroomSettings)
+@cpu_option
+@json_option
+def headroom_command(model, data, out, question_field, answer_field, limit, cpu, as_json, **options):
+    """Branch the base model's failed completions at their decision points and grade every branch, against as many
+    tries at random calm steps and as many resamples: the ceiling of decision-point steering on this task.
+
+    Use problems held back from evaluation. Writes OUT/headroom.json (and headroom.png with matplotlib); resumes in
+    OUT; shares the branches among processes under `accelerate launch` or `torchrun`.
+    """
+    workers = current_workers(cpu)
+    problems = load_problems(data, question_field=question_field, answer_field=answer_field, limit=limit)
+    lm, tokenizer = load_model(model, device=workers.device)
+    report = headroom(lm, tokenizer, problems, out, settings_from(HeadroomSettings, options), workers=workers)
+    if workers.is_main:
+        emit(report, as_json, headroom_lines(report, out), out=out)
 
 
 @analyze.command("footprint")
 @pair_options
-@click.option("--data", "-d", required=True, help="Benchmark file (JSONL, JSON, parquet) or dataset name.")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the analysis.")
-@decoding_options(samples=4, max_new_tokens=1024, samples_help="RL completions per problem.")
-@click.option("--max-batch-tokens", default=4096, show_default=True, type=click.IntRange(min=1),
-              help="Padded tokens per teacher-forced pass.")
-@data_options
+@data_options()
+@out_option("Folder for the analysis.")
+@settings_options(FootprintSettings, help={"samples": "RL completions per problem."})
 @cpu_option
 @json_option
-@reports_errors
-def footprint_command(base, rl, data, out, samples, temperature, top_p, max_new_tokens, batch_size, seed,
-                      instruction, max_batch_tokens, question_field, answer_field, limit, cpu, as_json):
+def footprint_command(base, rl, data, out, question_field, answer_field, limit, cpu, as_json, **options):
     """Sample completions from the RL model and compare both models at every position of them.
 
     Reports how often the top-1 differs, the rank of the RL choice in the base distribution, the base entropy
@@ -102,29 +131,19 @@ def footprint_command(base, rl, data, out, samples, temperature, top_p, max_new_
     workers = Workers(device=launched.device)
     problems = load_problems(data, question_field=question_field, answer_field=answer_field, limit=limit)
     base_model, rl_model, tokenizer = load_pair(base, rl, workers)
-    settings = FootprintSettings(
-        rollouts=RolloutSettings(
-            samples=samples, batch_size=batch_size, seed=seed, instruction=instruction,
-            decoding=DecodingSettings(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
-        ),
-        max_batch_tokens=max_batch_tokens,
-    )
-    report = footprint(base_model, rl_model, tokenizer, problems, out, settings)
-    emit({"out": out, **report}, as_json, footprint_lines(report, out))
+    result = footprint(base_model, rl_model, tokenizer, problems, out, settings_from(FootprintSettings, options))
+    emit(result, as_json, footprint_lines(result, out), out=out)
 
 
 @analyze.command("intervene")
 @pair_options
-@benchmarks_option
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the analysis.")
-@click.option("--tau", default=1.4, show_default=True, type=float, help="Entropy gate in nats.")
-@decoding_options(samples=1, max_new_tokens=4096, samples_help="Decodes per problem and arm.")
-@data_options
+@data_options(multiple=True)
+@out_option("Folder for the analysis.")
+@click.option("--tau", default=DEFAULT_TAU, show_default=True, type=float, help="Entropy gate in nats.")
+@settings_options(EvalSettings, help={"samples": "Decodes per problem and arm."})
 @cpu_option
 @json_option
-@reports_errors
-def intervene_command(base, rl, sources, out, tau, samples, temperature, top_p, max_new_tokens, batch_size, seed,
-                      instruction, question_field, answer_field, limit, cpu, as_json):
+def intervene_command(base, rl, sources, out, tau, question_field, answer_field, limit, cpu, as_json, **options):
     """Decode with the base model, substituting the RL model's top-1 where the base entropy exceeds TAU, and at as
     many random steps; compare with both models alone.
 
@@ -134,10 +153,7 @@ def intervene_command(base, rl, sources, out, tau, samples, temperature, top_p, 
     workers = current_workers(cpu)
     benchmarks = load_benchmarks(sources, question_field, answer_field, limit)
     base_model, rl_model, tokenizer = load_pair(base, rl, workers)
-    settings = EvalSettings(
-        samples=samples, batch_size=batch_size, seed=seed, instruction=instruction,
-        decoding=DecodingSettings(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
-    )
+    settings = settings_from(EvalSettings, options)
     report = intervene(base_model, rl_model, tokenizer, benchmarks, out, settings, tau=tau, workers=workers)
     if workers.is_main:
-        emit({"out": out, **report}, as_json, intervention_lines(report, out))
+        emit(report, as_json, intervention_lines(report, out), out=out)

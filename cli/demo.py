@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from steer import world
-from steer.cli.options import emit, json_option, reports_errors
-from steer.demo import RESULT_FILE, DemoResult, DemoSettings, run_demo
+from steer.cli.options import emit, json_option
+from steer.world.demo import RESULT_FILE, DemoResult, DemoSettings, StageReport, run_demo
 
 
 def result_lines(result: DemoResult) -> list[str]:
@@ -20,21 +20,32 @@ def result_lines(result: DemoResult) -> list[str]:
         f"held-out problems: {result.test_problems}    tau = {result.tau:.3f} nats    strength x{result.scale:g}",
         f"  base     accuracy {result.base_accuracy:.3f}",
         f"  steered  accuracy {result.steered_accuracy:.3f}   "
-        f"({result.steered_accuracy - result.base_accuracy:+.3f}, {paired['test']} p = {paired['p_value']:.3g})",
+        f"({result.steered_accuracy - result.base_accuracy:+.3f}, {paired.test} p = {paired.p_value:.3g})",
         f"  steering gated {result.gated_fraction:.1%} of decoding steps and changed the top-1 at "
-        f"{result.changed_fraction:.1%}",
+        f"{result.changed_fraction:.1%}: {paired.verdict()}",
         f"{result.seconds:.0f} s; head -> {result.head}, everything -> {result.out_dir / RESULT_FILE}",
         *stage_lines(result.stages),
     ]
 
 
-def stage_lines(stages: dict) -> list[str]:
+def stage_lines(stages: dict[str, StageReport]) -> list[str]:
     """One line per step that ran: its seconds, and its tokens per second where it decodes or scores."""
     lines = []
     for name, stage in stages.items():
-        rate = f" ({stage['tokens_per_second']:.0f} tokens/s)" if "tokens_per_second" in stage else ""
-        lines.append(f"  {name:<10} {stage['seconds']:7.1f} s{rate}")
+        rate = f" ({stage.tokens_per_second:.0f} tokens/s)" if stage.tokens_per_second is not None else ""
+        lines.append(f"  {name:<10} {stage.seconds:7.1f} s{rate}")
     return lines
+
+
+WORLD, OTHER = DemoSettings(), DemoSettings.for_model()
+
+
+def _defaults(name: str) -> str:
+    """`(default: 16 on the world, 8 otherwise)`, read off the two default settings."""
+    world_value, other_value = getattr(WORLD, name), getattr(OTHER, name)
+    if world_value == other_value:
+        return f"(default: {world_value})"
+    return f"(default: {world_value} on the world, {other_value} otherwise)"
 
 
 def default_out_dir(model: str | None, seed: int) -> Path:
@@ -44,25 +55,22 @@ def default_out_dir(model: str | None, seed: int) -> Path:
 
 
 @click.command()
-@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the problems, sampling and training.")
+@click.option("--seed", default=WORLD.seed, show_default=True, type=int,
+              help="Seeds the problems, sampling and training.")
 @click.option("--out", "-o", type=click.Path(file_okay=False),
               help="Folder for rollouts, scores, the head and the evaluation (default: steer-demo/RUN, RUN naming the "
               "model and seed).")
 @click.option("--model", "-m", help="Model folder or Hugging Face id (default: the built-in world's model).")
 @click.option("--data", "-d", help="Benchmark to learn from and test on (needed with --model).")
-@click.option("--train-problems", type=click.IntRange(min=1), help="Training problems (default: 200).")
-@click.option("--test-problems", type=click.IntRange(min=1), help="Held-out test problems (default: 200).")
-@click.option("--samples", type=click.IntRange(min=1), help="Rollouts per training problem (default: 16 on the "
-              "world, 8 otherwise).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Per completion (default: 80 on the world, "
-              "512 otherwise).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences decoded together (default: 64 on the "
-              "world, 16 otherwise).")
+@click.option("--train-problems", type=click.IntRange(min=1), help=f"Training problems {_defaults('train_problems')}.")
+@click.option("--test-problems", type=click.IntRange(min=1), help=f"Held-out problems {_defaults('test_problems')}.")
+@click.option("--samples", type=click.IntRange(min=1), help=f"Rollouts per training problem {_defaults('samples')}.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help=f"Per completion {_defaults('max_new_tokens')}.")
+@click.option("--batch-size", type=click.IntRange(min=1), help=f"Sequences decoded together {_defaults('batch_size')}.")
 @click.option("--instruction", help="Appended to each question (default: none on the world, a request to reason "
               "step by step and answer in \\boxed{} otherwise).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @json_option
-@reports_errors
 def demo(seed, out, model, data, train_problems, test_problems, samples, max_new_tokens, batch_size, instruction, quiet,
          as_json):
     """Run the method end to end: rollouts on training problems, scoring, head training, and base against steered

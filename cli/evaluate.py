@@ -7,21 +7,16 @@ from pathlib import Path
 
 import click
 
-from steer.cli.options import (
-    cpu_option,
-    data_options,
-    decoding_options,
-    emit,
-    json_option,
-    model_option,
-    reports_errors,
-)
-from steer.decoding import DecodingSettings
-from steer.distributed import current_workers
-from steer.evaluation import SUMMARY_FILE, EvalSettings, evaluate
+from steer.analysis.tracing import DEFAULT_TRACE_TOP_K
+from steer.cli.options import cpu_option, data_options, emit, json_option, model_option, out_option
+from steer.cli.settings import settings_from, settings_options
 from steer.head import CorrectionHead
 from steer.models import load_model
-from steer.problems import Problem, load_problems
+from steer.pipeline.distributed import current_workers
+from steer.pipeline.evaluation import EvalSettings, evaluate
+from steer.pipeline.folders.predictions import SUMMARY_FILE, PredictionFolder
+from steer.pipeline.problems import Problem, load_problems
+from steer.pipeline.summary import EvalSummary
 
 LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -32,12 +27,6 @@ def split_label(source: str) -> tuple[str, str]:
     if sep and rest and LABEL.match(label):
         return label, rest
     return (Path(source).stem if Path(source).suffix else source.replace("/", "_")), source
-
-
-benchmarks_option = click.option(
-    "--data", "-d", "sources", multiple=True, required=True,
-    help="Benchmark file (JSONL, JSON, parquet) or dataset name; LABEL=PATH names it. Repeatable.",
-)
 
 
 def load_benchmarks(sources: tuple[str, ...], question_field: str | None, answer_field: str | None,
@@ -53,44 +42,42 @@ def load_benchmarks(sources: tuple[str, ...], question_field: str | None, answer
     return benchmarks
 
 
-def results_table(summary: dict) -> list[str]:
+def results_table(summary: EvalSummary) -> list[str]:
     """The summary as aligned text lines: one row per benchmark and arm, then the paired comparison."""
     rows = [("benchmark", "arm", "problems", "accuracy", "95% interval", "pass@k", "gated", "changed")]
     notes = []
-    for name, arms in summary["benchmarks"].items():
-        for arm, a in arms.items():
-            if arm == "paired":
-                continue
-            low, high = a["interval_95"]
-            passes = " ".join(f"@{k}={v:.3f}" for k, v in a.get("pass_at_k", {}).items() if k != "1")
-            acted = arm != "base" and a["gated_fraction"] > 0
-            rows.append((name, arm, str(a["problems"]), f"{a['accuracy']:.3f}", f"[{low:.3f}, {high:.3f}]",
-                         passes or "-", f"{a['gated_fraction']:.1%}" if acted else "-",
-                         f"{a['changed_fraction']:.1%}" if acted else "-"))
-        if "paired" in arms:
-            p = arms["paired"]
-            detail = f", {p['gained']} gained, {p['lost']} lost" if "gained" in p else ""
-            test = f"{p['test']} p = {p['p_value']:.3g}{detail}"
-            notes.append(f"{name}: steered - base = {p['difference']:+.3f} ({test})")
+    for name, benchmark in summary.benchmarks.items():
+        for arm, a in benchmark.arms.items():
+            low, high = a.interval_95
+            passes = " ".join(f"@{k}={v:.3f}" for k, v in a.pass_at_k.items() if k != "1")
+            acted = arm != "base" and a.gated_fraction > 0
+            rows.append((name, arm, str(a.problems), f"{a.accuracy:.3f}", f"[{low:.3f}, {high:.3f}]",
+                         passes or "-", f"{a.gated_fraction:.1%}" if acted else "-",
+                         f"{a.changed_fraction:.1%}" if acted else "-"))
+        if benchmark.paired is not None:
+            p = benchmark.paired
+            detail = f", {p.gained} gained, {p.lost} lost" if p.gained is not None else ""
+            notes.append(f"{name}: steered - base = {p.difference:+.3f} ({p.test} p = {p.p_value:.3g}{detail}): "
+                         f"{p.verdict()}")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    run = summary["run"]
-    return [*lines, *notes, f"{run['new_tokens']} new tokens in {run['seconds']:.1f} s "
-            f"({run['tokens_per_second']:.1f} tokens/s, {run['processes']} process(es))"]
+    run = summary.run
+    return [*lines, *notes, f"{run.tokens} new tokens in {run.seconds:.1f} s "
+            f"({run.tokens_per_second:.1f} tokens/s, {run.processes} process(es))"]
 
 
 @click.command("eval")
 @model_option
-@benchmarks_option
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for predictions, summary.")
+@data_options(multiple=True)
+@out_option("Folder for predictions, summary.")
 @click.option("--head", help="Correction head folder (or Hub id): adds the steered arm.")
-@decoding_options(samples=1, max_new_tokens=4096, samples_help="Decodes per problem and arm.")
-@data_options
+@settings_options(EvalSettings, help={"samples": "Decodes per problem and arm."})
+@click.option("--trace", is_flag=True, help="Also record each decode's per-step entropy, gating and top-k "
+              "candidates (the head's top-k, else 5) into OUT/traces/, for `steer view --run OUT`.")
 @cpu_option
 @json_option
-@reports_errors
-def evaluate_command(model, sources, out, head, samples, temperature, top_p, max_new_tokens, batch_size, seed,
-                     instruction, question_field, answer_field, limit, cpu, as_json):
+def evaluate_command(model, sources, out, head, question_field, answer_field, limit, trace, cpu, as_json,
+                     **options):
     """Decode benchmarks with the base model and (with --head) the steered one, grade, and compare them.
 
     Writes OUT/predictions.jsonl as it goes (an interrupted run resumes) and OUT/summary.json at the end. Under
@@ -103,13 +90,8 @@ def evaluate_command(model, sources, out, head, samples, temperature, top_p, max
     steering = CorrectionHead.from_pretrained(head) if head else None
     if steering is not None:
         steering.check_compatible(lm)
-    settings = EvalSettings(
-        samples=samples,
-        decoding=DecodingSettings(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
-        batch_size=batch_size,
-        seed=seed,
-        instruction=instruction,
-    )
-    summary = evaluate(lm, tokenizer, benchmarks, out, settings, head=steering, workers=workers)
+    trace_top_k = (steering.top_k if steering is not None else DEFAULT_TRACE_TOP_K) if trace else None
+    summary = evaluate(lm, tokenizer, benchmarks, out, settings_from(EvalSettings, options), head=steering,
+                       workers=workers, trace_top_k=trace_top_k)
     if workers.is_main:
-        emit({"out": out, **summary}, as_json, [*results_table(summary), f"-> {Path(out) / SUMMARY_FILE}"])
+        emit(summary, as_json, [*results_table(summary), f"-> {PredictionFolder(out).path / SUMMARY_FILE}"], out=out)

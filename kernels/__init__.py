@@ -1,6 +1,11 @@
 """Triton kernels for the per-step decoding math (imported as `steer.kernels`).
 
-- :mod:`steer.kernels.fused_steer`: entropy, top-k and the steering adjustment in one read of the logits.
+- :mod:`steer.kernels.limits`: what the kernel serves (k, dtypes), importable without Triton;
+- :mod:`steer.kernels.fused_steer`: entropy, top-k and the steering adjustment in one launch and one read of the
+  logits, with its launcher and the list of every variant it can launch;
+- :mod:`steer.kernels.roofline`: a read-only kernel, the bandwidth floor for benchmarks;
+- :mod:`steer.kernels.compile_check`: ahead-of-time compilation of every variant for GPU targets, without a GPU;
+- :mod:`steer.kernels.benchmark`: the step's cost against PyTorch rivals and the floor (`steer bench kernels`).
 
 Importing a kernel module needs Triton; `steer.functional` imports it only when the Triton path is taken, so that
 `TRITON_INTERPRET=1` can still be set before that first call.

@@ -1,18 +1,59 @@
 """steer: the reasoning gains of RL without RL, by steering a language model's decision points at decoding time.
 
 Data flow: rollouts -> teacher-forced scores -> decision points (entropy > tau) -> correction head -> steered decoding.
+
+`import steer` loads the steering core only (the head, the per-step math, the processor and `steer.generate`). The
+offline pipeline (:mod:`steer.pipeline`), the analyses (:mod:`steer.analysis`) and the built-in world
+(:mod:`steer.world`) load on first use; the names below that come from them (`steer.run_demo`,
+`steer.load_problems`, ...) are resolved lazily.
 """
 
-from steer.demo import DemoResult, DemoSettings, run_demo
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from steer.errors import SteerError
 from steer.functional import entropy_topk, steer_logits
 from steer.generation import generate
-from steer.grading import answers_match, extract_answer, grade
 from steer.head import CorrectionHead, HeadConfig, HeadMismatchError
-from steer.problems import Problem, ProblemFileError, load_problems
 from steer.processor import SteeringError, SteeringProcessor, SteeringStats
 from steer.reference import EntropyTopK, SteeredLogits
 from steer.version import __version__
-from steer.world import model_path as world_model
+
+# Names served from outside the core, loaded on first access: name -> (module, attribute).
+_LAZY = {
+    "DemoResult": ("steer.world.demo", "DemoResult"),
+    "DemoSettings": ("steer.world.demo", "DemoSettings"),
+    "run_demo": ("steer.world.demo", "run_demo"),
+    "world_model": ("steer.world.generator", "model_path"),
+    "Problem": ("steer.pipeline.problems", "Problem"),
+    "ProblemFileError": ("steer.pipeline.problems", "ProblemFileError"),
+    "load_problems": ("steer.pipeline.problems", "load_problems"),
+    "answers_match": ("steer.pipeline.grading", "answers_match"),
+    "extract_answer": ("steer.pipeline.grading", "extract_answer"),
+    "grade": ("steer.pipeline.grading", "grade"),
+}
+
+if TYPE_CHECKING:
+    from steer.pipeline.grading import answers_match, extract_answer, grade
+    from steer.pipeline.problems import Problem, ProblemFileError, load_problems
+    from steer.world.demo import DemoResult, DemoSettings, run_demo
+    from steer.world.generator import model_path as world_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'steer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "CorrectionHead",
@@ -23,6 +64,7 @@ __all__ = [
     "HeadMismatchError",
     "Problem",
     "ProblemFileError",
+    "SteerError",
     "SteeredLogits",
     "SteeringError",
     "SteeringProcessor",

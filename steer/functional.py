@@ -4,7 +4,8 @@ Everything that computes decoding-step entropy, top-k or the steering adjustment
 dispatch to the fused Triton kernel (:mod:`steer.kernels.fused_steer`) for CUDA tensors and to the PyTorch reference
 (:mod:`steer.reference`) elsewhere. The environment variable `STEER_KERNEL` overrides the choice:
 
-- `auto` (default): Triton on CUDA when it is installed and k is at most 16, PyTorch otherwise;
+- `auto` (default): Triton on CUDA when it is installed and the kernel serves the call (k at most
+  `steer.kernels.limits.MAX_K`, a dtype pair in `steer.kernels.limits.WEIGHT_DTYPES`), PyTorch otherwise;
 - `triton`: always the kernel; on the CPU this needs Triton's interpreter (`TRITON_INTERPRET=1`, set before the
   first call), which is exact but slow, for tests;
 - `torch`: always the reference.
@@ -18,11 +19,11 @@ import os
 import torch
 
 from steer import reference
+from steer.kernels.limits import MAX_K, kernel_serves
 from steer.reference import EntropyTopK, SteeredLogits
 
 KERNEL_ENV = "STEER_KERNEL"
 KERNEL_CHOICES = ("auto", "triton", "torch")
-TRITON_MAX_K = 16  # the kernel's largest k; `steer.kernels.fused_steer.MAX_K`
 
 
 def triton_available() -> bool:
@@ -43,26 +44,36 @@ def kernel_choice() -> str:
     return choice
 
 
-def kernel_path(device: torch.device | str, k: int = 1) -> str:
-    """`"triton"` or `"torch"`: the implementation that a step on `device` with `k` candidates uses.
+def kernel_path(
+    device: torch.device | str,
+    k: int = 1,
+    dtype: torch.dtype = torch.float32,
+    weight_dtype: torch.dtype | None = None,
+) -> str:
+    """`"triton"` or `"torch"`: the implementation that a step on `device` with `k` candidates, logits of `dtype`
+    and (when steering) an output embedding of `weight_dtype` uses.
 
     Raises:
         `ValueError`: `STEER_KERNEL=triton` where the kernel cannot run (no Triton; a CPU device without the
-            interpreter; k above 16).
+            interpreter; k above `MAX_K`; a dtype pair it does not serve).
     """
     device = torch.device(device)
     choice = kernel_choice()
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        return "triton" if device.type == "cuda" and triton_available() and k <= TRITON_MAX_K else "torch"
+        served = device.type == "cuda" and triton_available() and kernel_serves(dtype, k, weight_dtype)
+        return "triton" if served else "torch"
     if not triton_available():
         raise ValueError(f"{KERNEL_ENV}=triton, but Triton is not installed")
     if device.type != "cuda" and not interpreting():
         raise ValueError(f"{KERNEL_ENV}=triton on a {device.type} tensor needs Triton's interpreter: set "
                          "TRITON_INTERPRET=1 before the first steering call")
-    if k > TRITON_MAX_K:
-        raise ValueError(f"{KERNEL_ENV}=triton: the kernel supports k up to {TRITON_MAX_K}; got k={k}")
+    if k > MAX_K:
+        raise ValueError(f"{KERNEL_ENV}=triton: the kernel supports k up to {MAX_K}; got k={k}")
+    if not kernel_serves(dtype, k, weight_dtype):
+        raise ValueError(f"{KERNEL_ENV}=triton: the kernel does not serve {dtype} logits with a {weight_dtype} "
+                         "output embedding")
     return "triton"
 
 
@@ -94,7 +105,7 @@ def entropy_topk(logits: torch.Tensor, k: int) -> EntropyTopK:
     (torch.Size([4]), torch.Size([4, 5]), torch.int64)
     ```
     """
-    if kernel_path(logits.device, k) == "triton":
+    if kernel_path(logits.device, k, logits.dtype) == "triton":
         from steer.kernels import fused_steer
 
         return fused_steer.entropy_topk(logits, k)
@@ -107,13 +118,17 @@ def steer_logits(
     output_embedding: torch.Tensor,
     k: int,
     tau: float,
+    *,
+    inplace: bool = False,
 ) -> SteeredLogits:
     """Add the head's correction to the top-k logits of rows whose base entropy exceeds `tau`.
 
-    See [`steer.reference.steer_logits`] for shapes, dtypes and an example. The input is not modified.
+    See [`steer.reference.steer_logits`] for shapes, dtypes and an example. By default the input is not modified and
+    the result's `logits` is a new tensor; with `inplace=True` the k entries of each gated row are adjusted in
+    `logits` itself, which is then the result's `logits` (what a decoding loop wants: no copy of the scores).
     """
-    if kernel_path(logits.device, k) == "triton":
+    if kernel_path(logits.device, k, logits.dtype, output_embedding.dtype) == "triton":
         from steer.kernels import fused_steer
 
-        return fused_steer.steer_logits(logits, correction, output_embedding, k, tau)
-    return reference.steer_logits(logits, correction, output_embedding, k, tau)
+        return fused_steer.steer_logits(logits, correction, output_embedding, k, tau, inplace=inplace)
+    return reference.steer_logits(logits, correction, output_embedding, k, tau, inplace=inplace)

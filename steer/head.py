@@ -3,10 +3,11 @@
 For a final hidden state `h` (the input of the model's output embedding `W_u`) and a candidate token `j`, the head
 adds
 
-    delta_j = <W_u[j], U V^T h>
+    delta_j = <W_u[j], U V^T h> - mean_i <W_u[i], U V^T h>
 
-to the candidate's logit, with `U, V` of shape `[hidden_size, rank]`. `U` starts at zero, so a fresh head changes
-nothing. Only `U` and `V` are learned; `W_u` is the model's own, frozen, output embedding.
+to the candidate's logit (the mean over the k candidates i: the head re-ranks them, it does not move them together),
+with `U, V` of shape `[hidden_size, rank]`. `U` starts at zero, so a fresh head changes nothing. Only `U` and `V`
+are learned; `W_u` is the model's own, frozen, output embedding.
 
 A head records what it was made for (hidden size, vocabulary size, the model's name, and a fingerprint of its output
 embedding), and refuses to work with another model.
@@ -17,15 +18,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import ModelHubMixin, hf_hub_download
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from steer.store import atomic_write_json
+from steer.errors import SteerError
+from steer.files import atomic_write_json
+from steer.reference import center_deltas
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "head.safetensors"
@@ -41,7 +45,7 @@ def check_scale(value: float) -> float:
     return float(value)
 
 
-class HeadMismatchError(ValueError):
+class HeadMismatchError(SteerError, ValueError):
     """Raised when a correction head is used with a model it was not made for."""
 
 
@@ -78,9 +82,11 @@ class HeadConfig:
         for name in ("hidden_size", "vocab_size", "rank", "top_k"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"HeadConfig.{name} must be a positive integer; got {getattr(self, name)!r}")
+            setattr(self, name, int(getattr(self, name)))
         if math.isnan(self.tau):
             raise ValueError("HeadConfig.tau must be a number of nats (float('inf') disables steering); got nan")
-        check_scale(self.scale)
+        self.tau = float(self.tau)
+        self.scale = check_scale(self.scale)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> HeadConfig:
@@ -146,6 +152,19 @@ def _model_name(model: nn.Module) -> str | None:
     return getattr(model, "name_or_path", None) or config_name or None
 
 
+class _ConfigSetting:
+    """A head attribute stored in its [`HeadConfig`]; setting it rebuilds the config, which checks the value."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, head: CorrectionHead | None, owner: type | None = None):
+        return self if head is None else getattr(head.config, self.name)
+
+    def __set__(self, head: CorrectionHead, value: object) -> None:
+        head.config = replace(head.config, **{self.name: value})
+
+
 class CorrectionHead(
     nn.Module,
     ModelHubMixin,
@@ -153,7 +172,8 @@ class CorrectionHead(
     tags=["steer", "correction-head", "reasoning"],
     paper_url="https://arxiv.org/abs/2605.06241",
 ):
-    """Low-rank correction head: `delta_j = <W_u[j], U V^T h>` for each candidate token `j` at a decision point.
+    """Low-rank correction head: `delta_j = <W_u[j], U V^T h>`, centred over the candidates, for each candidate
+    token `j` at a decision point.
 
     Args:
         config ([`HeadConfig`]): sizes, gating parameters and what the head was made for.
@@ -216,33 +236,9 @@ class CorrectionHead(
     def rank(self) -> int:
         return self.config.rank
 
-    @property
-    def top_k(self) -> int:
-        return self.config.top_k
-
-    @top_k.setter
-    def top_k(self, value: int) -> None:
-        if int(value) < 1:
-            raise ValueError(f"top_k must be a positive integer; got {value!r}")
-        self.config.top_k = int(value)
-
-    @property
-    def tau(self) -> float:
-        return self.config.tau
-
-    @tau.setter
-    def tau(self, value: float) -> None:
-        if math.isnan(value):
-            raise ValueError("tau must be a number of nats (float('inf') disables steering); got nan")
-        self.config.tau = float(value)
-
-    @property
-    def scale(self) -> float:
-        return self.config.scale
-
-    @scale.setter
-    def scale(self, value: float) -> None:
-        self.config.scale = check_scale(value)
+    top_k = _ConfigSetting()
+    tau = _ConfigSetting()
+    scale = _ConfigSetting()
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The part of the correction that does not depend on the candidates: `scale * U V^T h`.
@@ -257,19 +253,24 @@ class CorrectionHead(
         projected = (hidden @ self.down) @ self.up.T
         return projected if self.scale == 1.0 else projected * self.scale
 
-    def forward(self, hidden: torch.Tensor, candidate_embeddings: torch.Tensor) -> torch.Tensor:
-        """The correction of each candidate.
+    def forward(self, hidden: torch.Tensor, candidate_embeddings: torch.Tensor,
+                steerable: torch.Tensor | None = None) -> torch.Tensor:
+        """The correction of each candidate, centred over the candidates it adjusts (see [`center_deltas`]), as
+        decoding applies it.
 
         Args:
             hidden (`torch.Tensor` of shape `(batch_size, hidden_size)`): final hidden states.
             candidate_embeddings (`torch.Tensor` of shape `(batch_size, num_candidates, hidden_size)`): the output
                 embedding rows of the candidates.
+            steerable (`torch.BoolTensor` of shape `(batch_size, num_candidates)`, *optional*): the candidates the
+                head adjusts (the base top-k); the others get 0. All by default.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, num_candidates)`.
         """
         correction = self.project(hidden)
-        return torch.einsum("bkh,bh->bk", candidate_embeddings.to(correction.dtype), correction)
+        raw = torch.einsum("bkh,bh->bk", candidate_embeddings.to(correction.dtype), correction)
+        return center_deltas(raw, steerable)
 
     def check_compatible(self, model: nn.Module) -> None:
         """Raise [`HeadMismatchError`] unless `model` has the output embedding this head was made for."""
@@ -324,10 +325,9 @@ class CorrectionHead(
         map_location: str | torch.device = "cpu",
         **model_kwargs,
     ) -> CorrectionHead:
-        config_file, weights_file = (
-            _resolve(model_id, name, revision, cache_dir, force_download, local_files_only, token)
-            for name in (CONFIG_NAME, WEIGHTS_NAME)
-        )
+        download = {"revision": revision, "cache_dir": cache_dir, "force_download": force_download,
+                    "local_files_only": local_files_only, "token": token}
+        config_file, weights_file = (_resolve(model_id, name, download) for name in (CONFIG_NAME, WEIGHTS_NAME))
         head = cls(HeadConfig.from_json_file(config_file))
         state = load_file(weights_file, device=str(map_location))
         expected = {name: tuple(tensor.shape) for name, tensor in head.state_dict().items()}
@@ -338,27 +338,11 @@ class CorrectionHead(
         return head.to(map_location)
 
 
-def _resolve(
-    model_id: str,
-    filename: str,
-    revision: str | None,
-    cache_dir: str | Path | None,
-    force_download: bool,
-    local_files_only: bool,
-    token: str | bool | None,
-) -> str:
+def _resolve(model_id: str, filename: str, download: dict[str, Any]) -> str:
     """Path of `filename` in a local head directory, or downloaded from the Hub repository `model_id`."""
     if os.path.isdir(model_id):
         path = os.path.join(model_id, filename)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{model_id} is not a steer head directory: {filename} is missing")
         return path
-    return hf_hub_download(
-        repo_id=model_id,
-        filename=filename,
-        revision=revision,
-        cache_dir=cache_dir,
-        force_download=force_download,
-        local_files_only=local_files_only,
-        token=token,
-    )
+    return hf_hub_download(repo_id=model_id, filename=filename, **download)

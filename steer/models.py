@@ -7,8 +7,10 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from steer.errors import SteerError
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(SteerError, RuntimeError):
     """The model or tokenizer could not be loaded; the message says what to check."""
 
 

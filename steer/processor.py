@@ -15,11 +15,13 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor
 
+from steer.continuous_batching import refuse_continuous_batching
+from steer.errors import SteerError
 from steer.functional import steer_logits
 from steer.head import CorrectionHead, output_embedding
 
 
-class SteeringError(RuntimeError):
+class SteeringError(SteerError, RuntimeError):
     """Raised when steering cannot tell which hidden state a step's logits came from."""
 
 
@@ -103,11 +105,18 @@ class SteeringProcessor(LogitsProcessor):
     a `with` block, also when `generate` raises. `head.tau` and `head.top_k` are read at every step, so they can be
     changed between calls.
 
+    The scores are steered in place: `generate` hands each processor its own float32 copy of the step's logits, so
+    adjusting the k entries of the gated rows there saves writing a copy of the whole `[B, V]` tensor every step.
+    The one exception is `generate(..., output_logits=True)` in sampling and greedy search, which keeps that very
+    tensor as the "raw" logits: pass `inplace=False` then.
+
     Args:
         model (`PreTrainedModel`): the causal LM whose logits are steered.
         head ([`CorrectionHead`]): a head made for `model` (checked at construction: [`HeadMismatchError`]).
         record_rows (`bool`, defaults to `False`): keep the per-step gated and changed masks, for per-sequence
             counters (see [`row_masks`]).
+        inplace (`bool`, defaults to `True`): steer the scores it is handed in place (see above); `False` returns a
+            steered copy and leaves them untouched.
 
     Example:
 
@@ -119,14 +128,18 @@ class SteeringProcessor(LogitsProcessor):
     ```
     """
 
-    def __init__(self, model: nn.Module, head: CorrectionHead, record_rows: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, head: CorrectionHead, record_rows: bool = False, inplace: bool = True
+    ) -> None:
         head.check_compatible(model)
         self.head = head
         self.record_rows = record_rows
+        self.inplace = inplace
         self._weight = output_embedding(model)
         self._weight_copies: dict[torch.device, torch.Tensor] = {}
         head.to(self._weight.device)
         self._capture = _FinalHiddenCapture(model.get_output_embeddings())
+        self._release_batching = weakref.finalize(self, refuse_continuous_batching(model))
         self.reset()
 
     def reset(self) -> None:
@@ -157,7 +170,8 @@ class SteeringProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         hidden = self._step_hidden(input_ids, scores)
         correction = self.head.project(hidden).to(scores.device)
-        out = steer_logits(scores, correction, self._weight_on(scores.device), self.head.top_k, self.head.tau)
+        out = steer_logits(scores, correction, self._weight_on(scores.device), self.head.top_k, self.head.tau,
+                           inplace=self.inplace)
         self._count(out.gated, out.changed)
         return out.logits
 
@@ -209,6 +223,7 @@ class SteeringProcessor(LogitsProcessor):
     def close(self) -> None:
         """Remove the hook from the model. Idempotent."""
         self._capture.remove()
+        self._release_batching()
 
     def __enter__(self) -> SteeringProcessor:
         return self

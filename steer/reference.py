@@ -137,7 +137,8 @@ def _topk(x: torch.Tensor, k: int, block: int = 128) -> tuple[torch.Tensor, torc
 
 
 def candidate_deltas(correction: torch.Tensor, output_embedding: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """The head's correction for each candidate: `delta[b, j] = <output_embedding[indices[b, j]], correction[b]>`.
+    """The head's correction for each candidate, `<output_embedding[indices[b, j]], correction[b]>` less its mean
+    over the row's k candidates (see [`center_deltas`]): it re-ranks the candidates without moving them together.
 
     Args:
         correction (`torch.Tensor` of shape `(batch_size, hidden_size)`): the head's projection of the hidden state.
@@ -148,7 +149,7 @@ def candidate_deltas(correction: torch.Tensor, output_embedding: torch.Tensor, i
         `torch.FloatTensor` of shape `(batch_size, k)`.
     """
     rows = output_embedding[indices].float()  # [B, k, H]
-    return torch.bmm(rows, correction.float().unsqueeze(-1)).squeeze(-1)
+    return center_deltas(torch.bmm(rows, correction.float().unsqueeze(-1)).squeeze(-1))
 
 
 def steer_logits(
@@ -157,11 +158,13 @@ def steer_logits(
     output_embedding: torch.Tensor,
     k: int,
     tau: float,
+    *,
+    inplace: bool = False,
 ) -> SteeredLogits:
     """Add the head's correction to the top-k logits of every row whose base entropy exceeds `tau`.
 
     Rows at or below `tau` (and rows with NaN entropy) are returned unchanged, as are all logits outside the top-k.
-    The input is not modified.
+    The input is not modified unless `inplace=True`.
 
     Args:
         logits (`torch.Tensor` of shape `(batch_size, vocab_size)`): next-token logits (float32, float16 or bfloat16).
@@ -170,6 +173,8 @@ def steer_logits(
         output_embedding (`torch.Tensor` of shape `(vocab_size, hidden_size)`): the model's output embedding.
         k (`int`): number of candidates to re-score.
         tau (`float`): entropy threshold in nats; `float("inf")` disables steering.
+        inplace (`bool`, defaults to `False`): write the adjusted top-k into `logits` itself and return it as the
+            result's `logits`, instead of a copy.
 
     Returns:
         [`SteeredLogits`].
@@ -183,13 +188,13 @@ def steer_logits(
     >>> embedding = torch.eye(3)
     >>> correction = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
     >>> out = steer_logits(logits, correction, embedding, k=2, tau=0.5)
-    >>> out.gated.tolist(), out.logits[0].tolist()  # only the uncertain first row is steered
-    ([True, False], [2.0, 3.0, 0.0])
+    >>> out.gated.tolist(), out.logits[0].tolist()  # only the uncertain first row is steered; deltas -0.5, +0.5
+    ([True, False], [1.5, 2.5, 0.0])
     ```
     """
     check_logits(logits, k)
     x = logits.float()
-    workspace = torch.empty_like(x)  # the entropy's scratch space, then (for float32 logits) the output
+    workspace = torch.empty_like(x)  # the entropy's scratch space, then (for float32 logits, copying) the output
     entropy = _entropy(x, workspace)
     values, indices = _topk(x, k)
     gated = entropy > tau
@@ -197,7 +202,36 @@ def steer_logits(
     adjusted = values + delta
     # Ungated rows get their own top-k values written back: a bit-exact copy.
     new_values = torch.where(gated.unsqueeze(-1), adjusted, values).to(logits.dtype)
-    out = workspace.copy_(logits) if logits.dtype == torch.float32 else logits.clone()
+    if inplace:
+        out = logits
+    else:
+        out = workspace.copy_(logits) if logits.dtype == torch.float32 else logits.clone()
     out.scatter_(-1, indices, new_values)
     changed = gated & (adjusted.argmax(dim=-1) != 0)
     return SteeredLogits(out, entropy, indices, delta, gated, changed)
+
+
+def center_deltas(deltas: torch.Tensor, steerable: torch.Tensor | None = None) -> torch.Tensor:
+    """The head's raw corrections made to re-rank the candidates only: minus their mean over the `steerable`
+    candidates (all by default), and 0 for the others.
+
+    A loss over the candidates alone cannot see a shift common to all of them (softmax is shift-invariant), so a
+    head's raw corrections may carry one; applied to the top-k of the full vocabulary it would move every candidate
+    together, up or below the tokens outside the top-k. Centred, a correction only changes their order.
+
+    Args:
+        deltas (`torch.Tensor` of shape `(batch_size, k)`): raw corrections `<W_u[j], c>`.
+        steerable (`torch.BoolTensor` of shape `(batch_size, k)`, *optional*).
+
+    Example:
+
+    ```python
+    >>> center_deltas(torch.tensor([[3.0, 1.0, 5.0]]), torch.tensor([[True, True, False]])).tolist()
+    [[1.0, -1.0, 0.0]]
+    ```
+    """
+    if steerable is None:
+        return deltas - deltas.mean(dim=-1, keepdim=True)
+    mask = steerable.to(deltas.dtype)
+    mean = (deltas * mask).sum(dim=-1, keepdim=True) / mask.sum(dim=-1, keepdim=True).clamp(min=1)
+    return (deltas - mean) * mask

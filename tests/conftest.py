@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -14,7 +15,7 @@ import pytest  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM
 
-from steer.tokenizer import char_tokenizer  # noqa: E402
+from steer.world.tokenizer import char_tokenizer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -116,3 +117,37 @@ def arithmetic_file(tmp_path):
              for a in range(12)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def planted_choice(tokenizer):
+    """A bigram model over characters with one planted decision: after the assistant marker it writes "1", then
+    1 -> 2 -> 3 -> 4 -> 5 with certainty; after "5" it hesitates between "6" (favoured, logit 3) and "7" (logit 1);
+    after "6" or "7" it ends. Greedy decoding answers 123456; the rank-2 choice at the decision point gives 123457."""
+    vocab = len(tokenizer)
+    digit = dict(zip("0123456789", tokenizer.convert_tokens_to_ids(list("0123456789"))))
+    table = torch.full((vocab, vocab), -20.0)
+    table[:, digit["1"]] = 12.0  # after anything else: "1"
+    for a, b in ("12", "23", "34", "45"):
+        table[digit[a]] = -20.0
+        table[digit[a], digit[b]] = 12.0
+    table[digit["5"]] = -20.0
+    table[digit["5"], digit["6"]], table[digit["5"], digit["7"]] = 3.0, 1.0
+    for end in "67":
+        table[digit[end]] = -20.0
+        table[digit[end], tokenizer.eos_token_id] = 12.0
+        table[digit[end], digit["8"]] = -4.0  # the certain rows' second candidates differ from the decision's
+    config = transformers.LlamaConfig(vocab_size=vocab, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                                      hidden_size=108, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
+                                      rms_norm_eps=1e-12)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab, 108))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[:, :vocab] = table.T / math.sqrt(108)
+    model.generation_config.pad_token_id = 0
+    return model

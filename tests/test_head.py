@@ -27,12 +27,15 @@ def test_fresh_head_adds_nothing(make_model, seed):
     assert delta.shape == (5, 7) and torch.equal(delta, torch.zeros(5, 7))
 
 
-def test_forward_is_the_bilinear_form(seed):
+def test_forward_is_the_bilinear_form_centred_over_the_candidates(seed):
     head = CorrectionHead(HeadConfig(hidden_size=6, vocab_size=10, rank=2))
     torch.nn.init.normal_(head.up)
     hidden, candidates = torch.randn(3, 6), torch.randn(3, 4, 6)
-    expected = torch.einsum("bkh,hg,bg->bk", candidates, head.up @ head.down.T, hidden)
-    torch.testing.assert_close(head(hidden, candidates), expected)
+    raw = torch.einsum("bkh,hg,bg->bk", candidates, head.up @ head.down.T, hidden)
+    torch.testing.assert_close(head(hidden, candidates), raw - raw.mean(dim=-1, keepdim=True))
+    steerable = torch.tensor([[True, True, True, False]] * 3)
+    expected = (raw - raw[:, :3].mean(dim=-1, keepdim=True)) * steerable
+    torch.testing.assert_close(head(hidden, candidates, steerable), expected)
 
 
 def test_scale_multiplies_the_correction(seed):

@@ -88,6 +88,7 @@ def test_random_head_changes_only_topk_logits_of_gated_rows(arch, make_model, to
         assert torch.equal(steered[outside], raw[outside]), "a logit outside the top-k changed"
         with torch.no_grad():
             delta = torch.einsum("bkh,bh->bk", weight[top].float(), head.project(hidden))
+            delta = delta - delta.mean(dim=-1, keepdim=True)  # centred over the k candidates
         expected = torch.where(gated.unsqueeze(-1), raw.gather(-1, top) + delta, raw.gather(-1, top))
         torch.testing.assert_close(steered.gather(-1, top), expected, rtol=1e-5, atol=1e-5)
     assert stats.rows == 6 * len(PROMPTS) and stats.gated == gated_rows

@@ -1,0 +1,310 @@
+"""The RL footprint: where, and how far, an RL-trained model's choices differ from its base model's.
+
+On completions sampled from the RL model, both models are teacher-forced and compared at every generated position:
+does the top-1 token differ; what rank does the RL model's top-1 have in the base distribution; how high is the
+base entropy there; and how well "base entropy > tau" predicts the positions that differ. The paper's finding is
+that RL changes the top-1 at a few percent of positions, nearly always to a token in the base top-5, and at
+high-entropy positions.
+
+Outputs, under the run's folder: `rollouts/` (the RL model's completions, a rollout store), `positions.safetensors`
+(per position: base entropy, whether the top-1 differs, the RL choice's base rank), `footprint.json` (the report)
+and, with matplotlib installed, `entropy.png` and `rank.png`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from steer.files import atomic_write_json
+from steer.functional import entropy_topk
+from steer.pipeline.decoding import DecodingSettings
+from steer.pipeline.folders.rollouts import RolloutFolder, rollout_length
+from steer.pipeline.problems import Problem
+from steer.pipeline.progress import ThroughputBar
+from steer.pipeline.rollout import RolloutSettings, run_rollouts
+from steer.pipeline.scoring import teacher_force, token_batches
+
+POSITIONS_FILE = "positions.safetensors"
+REPORT_FILE = "footprint.json"
+DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(1, 41))
+RANKS = (1, 5, 10)
+ENTROPY_BINS = 40
+
+
+@dataclass(frozen=True)
+class FootprintSettings:
+    """How the comparison is made.
+
+    Attributes:
+        rollouts ([`RolloutSettings`]): how the RL model's completions are sampled (defaults: 4 per problem at
+            temperature 0.6, top-p 0.95, 1024 new tokens).
+        max_batch_tokens (`int`, defaults to 4096): tokens (padding included) per teacher-forced pass.
+        taus (`tuple[float, ...]`): thresholds at which the entropy gate's precision and recall are reported.
+    """
+
+    rollouts: RolloutSettings = field(
+        default_factory=lambda: RolloutSettings(samples=4, decoding=DecodingSettings(max_new_tokens=1024))
+    )
+    max_batch_tokens: int = 4096
+    taus: tuple[float, ...] = DEFAULT_TAUS
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Per generated position, rollouts concatenated.
+
+    Attributes:
+        entropy (`torch.FloatTensor` of shape `(positions,)`): the base model's entropy (nats).
+        differ (`torch.BoolTensor` of shape `(positions,)`): the RL model's top-1 token is not a top-1 token of the
+            base model (`rank > 1`; a token tied for the base model's first place counts as the same choice).
+        rank (`torch.LongTensor` of shape `(positions,)`): 1 + the number of tokens the base model scores strictly
+            above the RL model's top-1 (1: the RL choice is the base choice, or tied with it).
+    """
+
+    entropy: torch.Tensor
+    differ: torch.Tensor
+    rank: torch.Tensor
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"entropy": self.entropy, "differ": self.differ, "rank": self.rank}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Positions:
+        return cls(**load_file(path))
+
+
+def compare_positions(
+    base: PreTrainedModel, rl: PreTrainedModel, rollouts: Sequence[dict], max_batch_tokens: int = 4096,
+    progress: bool = True,
+) -> Positions:
+    """Teacher-force both models over `rollouts` (records with `prompt_ids` and `completion_ids`) and compare them
+    at every completion position, in the order of `rollouts`.
+
+    Example:
+
+    ```python
+    >>> positions = compare_positions(base, rl, [{"prompt_ids": [5, 6], "completion_ids": [7, 8]}])  # doctest: +SKIP
+    >>> positions.differ.float().mean()  # doctest: +SKIP
+    ```
+    """
+    order = sorted(range(len(rollouts)), key=lambda i: rollout_length(rollouts[i]))
+    ordered = [rollouts[i] for i in order]
+    parts: list[Positions | None] = [None] * len(rollouts)
+    bar = ThroughputBar(len(rollouts), "comparing", "rollout", progress)
+    for batch in token_batches(ordered, max_batch_tokens):
+        group = [ordered[i] for i in batch]
+        for index, (b, r) in zip(batch, zip(teacher_force(base, group), teacher_force(rl, group))):
+            parts[order[index]] = _compare(b[0], r[0])
+        bar.advance(len(batch), sum(len(rollout["completion_ids"]) for rollout in group))
+    bar.close()
+    return Positions(*(torch.cat([getattr(p, name) for p in parts]) for name in ("entropy", "differ", "rank")))
+
+
+def _compare(base_logits: torch.Tensor, rl_logits: torch.Tensor) -> Positions:
+    width = min(base_logits.shape[-1], rl_logits.shape[-1])  # vocabularies padded to different sizes
+    base_logits, rl_logits = base_logits[:, :width], rl_logits[:, :width]
+    entropy = entropy_topk(base_logits, 1).entropy
+    rl_choice = entropy_topk(rl_logits, 1).indices[:, 0]
+    base_float = base_logits.float()
+    chosen = base_float.gather(-1, rl_choice.unsqueeze(-1))
+    rank = 1 + (base_float > chosen).sum(-1)
+    return Positions(entropy.cpu(), (rank > 1).cpu(), rank.cpu())
+
+
+@dataclass(frozen=True)
+class GateQuality:
+    """How well "base entropy > `tau`" predicts the positions where the top-1 differs: the share of positions it
+    gates, its `precision` and `recall` (`None` where nothing is gated, or nothing differs)."""
+
+    tau: float
+    gated_fraction: float
+    precision: float | None
+    recall: float | None
+
+
+@dataclass(frozen=True)
+class EntropyContrast:
+    """Mean base entropy over all positions and over the differing ones (`None` if none differ), and their ratio."""
+
+    mean_all: float
+    mean_differing: float | None
+    ratio: float | None
+
+
+@dataclass(frozen=True)
+class FootprintReport:
+    """The footprint's figures (see the module docstring).
+
+    Attributes:
+        positions (`int`), differing (`int`), differ_fraction (`float`): positions compared, and where the top-1
+            differs.
+        rank_share (`dict[str, float]`): share of RL choices inside the base top-1, top-5, top-10 (keys "1", "5",
+            "10"), over all positions; rank_share_differing: the same over the differing positions (top-5, top-10).
+        entropy ([`EntropyContrast`]). gate (`list[GateQuality]`): one per tau of the grid.
+        histograms (`dict`): the counts behind the plots.
+    """
+
+    positions: int
+    differing: int
+    differ_fraction: float
+    rank_share: dict[str, float]
+    rank_share_differing: dict[str, float] | None
+    entropy: EntropyContrast
+    gate: list[GateQuality]
+    histograms: dict
+
+
+def footprint_report(positions: Positions, taus: Sequence[float] = DEFAULT_TAUS) -> FootprintReport:
+    """The footprint's figures from per-position comparisons.
+
+    Example:
+
+    ```python
+    >>> p = Positions(torch.tensor([0.1, 2.0, 0.2, 1.8]), torch.tensor([False, True, False, False]),
+    ...               torch.tensor([1, 2, 1, 1]))
+    >>> footprint_report(p, taus=[1.0]).gate[0]
+    GateQuality(tau=1.0, gated_fraction=0.5, precision=0.5, recall=1.0)
+    ```
+    """
+    entropy, differ, rank = positions.entropy.double(), positions.differ, positions.rank
+    total, differing = entropy.numel(), int(differ.sum())
+    if total == 0:
+        raise ValueError("no positions to compare: every completion is empty")
+    mean_all = float(entropy.mean())
+    mean_differing = float(entropy[differ].mean()) if differing else None
+    return FootprintReport(
+        positions=total,
+        differing=differing,
+        differ_fraction=differing / total,
+        rank_share={str(k): float((rank <= k).double().mean()) for k in RANKS},
+        rank_share_differing=(
+            {str(k): float((rank[differ] <= k).double().mean()) for k in RANKS[1:]} if differing else None
+        ),
+        entropy=EntropyContrast(
+            mean_all=mean_all,
+            mean_differing=mean_differing,
+            ratio=mean_differing / mean_all if mean_differing is not None and mean_all > 0 else None,
+        ),
+        gate=[_gate(entropy, differ, tau) for tau in taus],
+        histograms=_histograms(entropy, differ, rank),
+    )
+
+
+def _gate(entropy: torch.Tensor, differ: torch.Tensor, tau: float) -> GateQuality:
+    gated = entropy > tau
+    hits = int((gated & differ).sum())
+    return GateQuality(
+        tau=float(tau),
+        gated_fraction=float(gated.double().mean()),
+        precision=hits / int(gated.sum()) if gated.any() else None,
+        recall=hits / int(differ.sum()) if differ.any() else None,
+    )
+
+
+def _histograms(entropy: torch.Tensor, differ: torch.Tensor, rank: torch.Tensor) -> dict:
+    top = max(float(entropy.max()), 1e-6)
+    edges = torch.linspace(0.0, top, ENTROPY_BINS + 1, dtype=torch.float64)
+    counts = [torch.histogram(values, bins=edges).hist.long().tolist() for values in (entropy, entropy[differ])]
+    ranks = rank[differ]
+    return {
+        "entropy_edges": edges.tolist(),
+        "entropy_all": counts[0],
+        "entropy_differing": counts[1],
+        "rank_differing": {**{str(k): int((ranks == k).sum()) for k in range(2, 11)}, ">10": int((ranks > 10).sum())},
+    }
+
+
+def plot_footprint(report: FootprintReport, out_dir: Path) -> list[Path]:
+    """Draw `entropy.png` (base entropy of differing against all positions) and `rank.png` (the RL choice's rank
+    in the base distribution at differing positions) into `out_dir`; needs matplotlib (`pip install steer[analysis]`).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = report.histograms
+    edges = hist["entropy_edges"]
+    widths = [b - a for a, b in zip(edges, edges[1:])]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, label in (("entropy_all", "all positions"), ("entropy_differing", "top-1 differs")):
+        counts = hist[name]
+        share = [c / max(sum(counts), 1) for c in counts]
+        ax.bar(edges[:-1], share, width=widths, align="edge", alpha=0.5, label=label)
+    ax.set(xlabel="base entropy (nats)", ylabel="share of positions", title="Where RL changes the top-1")
+    ax.legend()
+    paths = [out_dir / "entropy.png", out_dir / "rank.png"]
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ranks = hist["rank_differing"]
+    ax.bar(list(ranks), list(ranks.values()))
+    ax.set(xlabel="rank of the RL choice in the base distribution", ylabel="positions",
+           title="RL choices at positions that differ")
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+@dataclass(frozen=True)
+class FootprintResult:
+    """A footprint run: the two models, the RL completions compared and their accuracy (mean reward), the
+    [`FootprintReport`], and the plots written (none without matplotlib)."""
+
+    base: str
+    rl: str
+    rollouts: int
+    rl_accuracy: float
+    report: FootprintReport
+    plots: list[str]
+
+
+def footprint(
+    base: PreTrainedModel,
+    rl: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[Problem],
+    out_dir: str | os.PathLike,
+    settings: FootprintSettings = FootprintSettings(),
+    *,
+    progress: bool = True,
+) -> FootprintResult:
+    """Sample the RL model's completions on `problems`, compare the two models on them, and write the report.
+
+    Args:
+        base (`PreTrainedModel`), rl (`PreTrainedModel`): the two models; `tokenizer` is shared.
+        problems (`Sequence[Problem]`): the problems whose completions are compared.
+        out_dir (`str` or `os.PathLike`): the run's folder (see the module docstring); sampling resumes there.
+        settings ([`FootprintSettings`]): sampling, batch size and the tau grid.
+        progress (`bool`, defaults to `True`): show progress bars.
+
+    Returns:
+        [`FootprintResult`], also written to `out_dir/footprint.json`.
+    """
+    out = Path(out_dir)
+    run_rollouts(rl, tokenizer, problems, out / "rollouts", settings.rollouts, progress=progress)
+    wanted = {problem.id for problem in problems}  # the store may hold other problems from an earlier run
+    rollouts = [r for r in RolloutFolder(out / "rollouts").records(("reward", "prompt_ids", "completion_ids"))
+                if r["problem_id"] in wanted]
+    positions = compare_positions(base, rl, rollouts, settings.max_batch_tokens, progress)
+    positions.save(out / POSITIONS_FILE)
+    report = footprint_report(positions, settings.taus)
+    try:
+        plots = [str(path) for path in plot_footprint(report, out)]
+    except ImportError:
+        plots = []
+    result = FootprintResult(base=base.name_or_path, rl=rl.name_or_path, rollouts=len(rollouts),
+                             rl_accuracy=sum(r["reward"] for r in rollouts) / len(rollouts), report=report, plots=plots)
+    atomic_write_json(out / REPORT_FILE, asdict(result))
+    return result

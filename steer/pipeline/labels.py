@@ -1,0 +1,151 @@
+"""Step 3b (optional): label decision points by branching. For each of the first decision points of a rollout,
+continue every one of the base top-k candidates greedily and grade the result, so each candidate gets its own
+success: a per-point target for the head (`steer train --labels branches`) instead of the rollout-level advantage
+that spreads one reward over every decision point of a rollout.
+
+The labels go to `ROLLOUTS_DIR/labels/` ([`LabelFolder`]): one record per (rollout, position, candidate rank),
+appended as batches finish; an interrupted run resumes. They cost generated tokens: [`LabelSummary.tokens`] counts
+them, so label sources can be compared on the same budget.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from steer.pipeline.branching import Branch, BranchDecoding, branch_batches, continue_branches
+from steer.pipeline.distributed import Workers
+from steer.pipeline.folders import RunFolder
+from steer.pipeline.folders.rollouts import RolloutFolder
+from steer.pipeline.folders.scores import Features
+from steer.pipeline.jobs import Job, run_job
+from steer.pipeline.pool import resolve_tau, select_pool
+from steer.pipeline.progress import Throughput
+
+LABELS_DIR = "labels"
+
+
+class LabelFolder(RunFolder):
+    """`ROLLOUTS_DIR/labels/`: `labels.jsonl`, one record per (problem_id, sample, position, rank) with the
+    candidate `token` and whether its greedy continuation was `correct`; and `labels.settings.json`."""
+
+    records_file = "labels.jsonl"
+    settings_file = "labels.settings.json"
+    key = ("problem_id", "sample", "position", "rank")
+    writer = "steer label"
+
+    @classmethod
+    def of(cls, rollouts_dir: str | os.PathLike) -> LabelFolder:
+        return cls(Path(rollouts_dir) / LABELS_DIR)
+
+    def success(self) -> dict[tuple[str, int, int], list[float]]:
+        """Per labelled point `(problem_id, sample, position)`, the success of each candidate by rank (1, 2, ...);
+        points with a rank missing (an interrupted run) are left out."""
+        by_point: dict[tuple[str, int, int], dict[int, float]] = defaultdict(dict)
+        for record in self.read_records(("correct",)):
+            point = (record["problem_id"], record["sample"], record["position"])
+            by_point[point][record["rank"]] = float(record["correct"])
+        return {point: [ranks[r] for r in range(1, len(ranks) + 1)] for point, ranks in by_point.items()
+                if sorted(ranks) == list(range(1, len(ranks) + 1))}
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """Which points are labelled, and how.
+
+    Attributes:
+        tau (`float`, *optional*), tau_quantile (`float`, defaults to 0.95): the decision threshold (a given tau
+            wins); use the same as `steer train`.
+        points (`int`, defaults to 2): decision points labelled per rollout (its first ones).
+        top_k (`int`, defaults to 5): candidates continued per point (the head's top-k or more).
+        pool_problems (`int`, defaults to 50): rollouts of this many problems with both outcomes, nearest a pass
+            rate of 0.5 (the training pool's problems).
+        max_new_tokens (`int`, defaults to 256): the completion's token budget, prefix included.
+        batch_size (`int`, defaults to 16), seed (`int`, defaults to 0).
+    """
+
+    tau: float | None = None
+    tau_quantile: float = 0.95
+    points: int = 2
+    top_k: int = 5
+    pool_problems: int = 50
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LabelSummary(Throughput):
+    """What a labelling run did: `branches` continued this run (their generated `tokens`, in `seconds`), the
+    labelled `points` in the folder, and the `tau` used."""
+
+    path: Path
+    branches: int
+    points: int
+    tau: float
+
+
+def plan_labels(features: Features, records: dict[tuple[str, int], dict], tau: float,
+                settings: LabelSettings) -> list[Branch]:
+    """A greedy branch for each top-k candidate at the first `points` decision points of each rollout."""
+    branches = []
+    taken: dict[int, int] = defaultdict(int)
+    for row in (features.point_entropy > tau).nonzero().squeeze(-1).tolist():
+        rollout = int(features.point_rollout[row])
+        if taken[rollout] == settings.points:
+            continue
+        taken[rollout] += 1
+        problem_id, sample = features.keys[rollout]
+        record = records[problem_id, sample]
+        position = int(features.point_position[row])
+        for rank in range(1, min(settings.top_k, features.point_topk_ids.shape[1]) + 1):
+            token = int(features.point_topk_ids[row, rank - 1])
+            key = {"problem_id": problem_id, "sample": sample, "position": position, "rank": rank}
+            branches.append(Branch(key, record["prompt_ids"], record["completion_ids"][:position] + [token],
+                                   record["gold"], {"token": token}))
+    return branches
+
+
+def label_branches(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rollouts_dir: str | os.PathLike,
+    settings: LabelSettings = LabelSettings(),
+    *,
+    workers: Workers = Workers(),
+    progress: bool = True,
+) -> LabelSummary:
+    """Label the decision points of the scored rollouts in `rollouts_dir` by branch continuations (see the module
+    docstring).
+
+    Example:
+
+    ```python
+    >>> label_branches(model, tokenizer, "runs/rollouts")  # doctest: +SKIP
+    >>> train_head(model, "runs/rollouts", TrainSettings(labels="branches"))  # doctest: +SKIP
+    ```
+    """
+    folder = RolloutFolder(rollouts_dir)
+    rollouts = folder.records(("gold", "prompt_ids", "completion_ids"))
+    pool = select_pool(rollouts, settings.pool_problems, keep_shortest=1.0)
+    features = folder.scores.features(pool.keys)
+    quantile = settings.tau_quantile if settings.tau is None else None
+    tau = resolve_tau(features, settings.tau, quantile)
+    branches = plan_labels(features, {(r["problem_id"], r["sample"]): r for r in rollouts}, tau, settings)
+    decoding = BranchDecoding(settings.max_new_tokens, seed=settings.seed)
+    labels = LabelFolder.of(rollouts_dir)
+    job = Job(
+        label="labels", unit="branch", folder=labels,
+        settings={"model": model.name_or_path, **asdict(settings), "tau": tau},
+        units=branches, unit_keys=lambda b: [b.unit_key()],
+        batches=lambda pending: branch_batches(pending, settings.batch_size),
+        work=lambda batch: continue_branches(model, tokenizer, batch, decoding),
+    )
+    result = run_job(job, workers, progress)
+    points = {(r["problem_id"], r["sample"], r["position"]) for r in result.records}
+    return LabelSummary(tokens=result.totals.tokens, seconds=result.totals.seconds, path=labels.path,
+                        branches=result.totals.items, points=len(points), tau=tau)

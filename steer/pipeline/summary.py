@@ -1,0 +1,169 @@
+"""The summary of an evaluation: per benchmark and arm, accuracy with a 95% interval, the unbiased pass@k and the
+steering counters; per benchmark, a paired test of steered against base; and the run's throughput.
+
+Typed results, converted to JSON only at the edge ([`EvalSummary.to_json`], [`EvalSummary.from_json`]).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from steer.pipeline.metrics import bootstrap_interval, mcnemar, paired_permutation, pass_at_k, wilson_interval
+from steer.pipeline.progress import Throughput
+
+PASS_AT = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class ArmSummary:
+    """One arm on one benchmark.
+
+    Attributes:
+        problems (`int`), predictions (`int`): problems decoded, and decodes in all.
+        accuracy (`float`): pass@1 averaged over samples. interval_95 (`tuple[float, float]`): Wilson interval for
+            one sample per problem, else a bootstrap over problems.
+        mean_tokens (`float`), truncated (`float`): mean generated tokens; share of decodes that ran out of tokens.
+        gated_fraction (`float`), changed_fraction (`float`): shares of all steps where the arm's processor acted,
+            and where that changed the top-1 token.
+        pass_at_k (`dict[str, float]`): the unbiased pass@k for k up to the samples per problem (empty for one).
+    """
+
+    problems: int
+    predictions: int
+    accuracy: float
+    interval_95: tuple[float, float]
+    mean_tokens: float
+    truncated: float
+    gated_fraction: float
+    changed_fraction: float
+    pass_at_k: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Steered against base on the problems both decoded: `difference` in accuracy (steered - base) and the
+    two-sided `p_value` of `test` (exact McNemar for one sample per problem, which also counts the problems
+    `gained` and `lost`; a sign-flip permutation test of per-problem scores otherwise)."""
+
+    test: str
+    problems: int
+    difference: float
+    p_value: float
+    gained: int | None = None
+    lost: int | None = None
+
+    def verdict(self, alpha: float = 0.05) -> str:
+        """The comparison in words, plain about a head that hurts."""
+        if self.difference < 0:
+            worse = "significantly " if self.p_value < alpha else ""
+            return f"steering HURT: steered is {worse}below base ({self.difference:+.3f}); do not use this head"
+        if self.difference > 0 and self.p_value < alpha:
+            return f"steering helped ({self.difference:+.3f}, p = {self.p_value:.3g})"
+        return f"no difference we can tell from noise ({self.difference:+.3f}, p = {self.p_value:.3g})"
+
+
+@dataclass(frozen=True)
+class BenchmarkSummary:
+    """The arms of one benchmark, and the paired test where it has a `base` and a `steered` arm."""
+
+    arms: dict[str, ArmSummary]
+    paired: PairedTest | None = None
+
+
+@dataclass(frozen=True)
+class RunStats(Throughput):
+    """What one `evaluate` call decoded: `tokens` in `seconds` (the slowest process's) over `processes`."""
+
+    processes: int = 1
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """The summary of an evaluation folder (see the module docstring); `run` is absent from [`summarize`]'s."""
+
+    samples: int
+    benchmarks: dict[str, BenchmarkSummary]
+    run: RunStats | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.run is not None:
+            data["run"]["tokens_per_second"] = self.run.tokens_per_second
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EvalSummary:
+        benchmarks = {
+            name: BenchmarkSummary(
+                arms={arm: ArmSummary(**{**a, "interval_95": tuple(a["interval_95"])}) for arm, a in b["arms"].items()},
+                paired=PairedTest(**b["paired"]) if b.get("paired") else None,
+            )
+            for name, b in data["benchmarks"].items()
+        }
+        run = data.get("run")
+        run = RunStats(run["tokens"], run["seconds"], run["processes"]) if run else None
+        return cls(samples=data["samples"], benchmarks=benchmarks, run=run)
+
+
+def summarize(predictions: Sequence[dict], samples: int) -> EvalSummary:
+    """The summary of a set of prediction records (see :mod:`steer.pipeline.folders.predictions`).
+
+    Example:
+
+    ```python
+    >>> records = [{"benchmark": "b", "problem_id": str(i), "arm": "base", "sample": 0, "correct": i < 3,
+    ...             "steps": 10, "gated": 0, "changed": 0, "finish_reason": "stop"} for i in range(4)]
+    >>> summarize(records, samples=1).benchmarks["b"].arms["base"].accuracy
+    0.75
+    ```
+    """
+    grouped: dict[str, dict[str, dict[str, list[dict]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for record in predictions:
+        grouped[record["benchmark"]][record["arm"]][record["problem_id"]].append(record)
+    benchmarks = {}
+    for name, arms in grouped.items():
+        paired = _paired(arms["base"], arms["steered"], samples) if "base" in arms and "steered" in arms else None
+        benchmarks[name] = BenchmarkSummary(
+            arms={arm: _arm_summary(by_problem, samples) for arm, by_problem in arms.items()}, paired=paired)
+    return EvalSummary(samples=samples, benchmarks=benchmarks)
+
+
+def _arm_summary(by_problem: Mapping[str, list[dict]], samples: int) -> ArmSummary:
+    correct = {pid: sum(bool(r["correct"]) for r in records) for pid, records in by_problem.items()}
+    counts = {pid: len(records) for pid, records in by_problem.items()}
+    scores = [correct[pid] / counts[pid] for pid in by_problem]
+    records = [r for rs in by_problem.values() for r in rs]
+    steps = sum(r["steps"] for r in records)
+    interval = (wilson_interval(sum(correct.values()), len(records)) if samples == 1
+                else bootstrap_interval(scores))
+    ks = [k for k in PASS_AT if k <= min(counts.values())] if samples > 1 else []
+    return ArmSummary(
+        problems=len(by_problem),
+        predictions=len(records),
+        accuracy=sum(scores) / len(scores),
+        interval_95=tuple(interval),
+        mean_tokens=steps / len(records),
+        truncated=sum(r["finish_reason"] == "length" for r in records) / len(records),
+        gated_fraction=sum(r["gated"] for r in records) / steps if steps else 0.0,
+        changed_fraction=sum(r["changed"] for r in records) / steps if steps else 0.0,
+        pass_at_k={
+            str(k): sum(pass_at_k(counts[pid], correct[pid], k) for pid in by_problem) / len(by_problem) for k in ks
+        },
+    )
+
+
+def _paired(base: Mapping[str, list[dict]], steered: Mapping[str, list[dict]], samples: int) -> PairedTest:
+    shared = sorted(base.keys() & steered.keys())
+    if samples == 1:
+        outcome = {arm: [bool(records[pid][0]["correct"]) for pid in shared] for arm, records in
+                   (("base", base), ("steered", steered))}
+        test = mcnemar(outcome["base"], outcome["steered"])
+        difference = (sum(outcome["steered"]) - sum(outcome["base"])) / len(shared) if shared else 0.0
+        return PairedTest("mcnemar", len(shared), difference, test["p_value"], test["gained"], test["lost"])
+    score = {arm: [sum(bool(r["correct"]) for r in records[pid]) / len(records[pid]) for pid in shared]
+             for arm, records in (("base", base), ("steered", steered))}
+    test = paired_permutation(score["base"], score["steered"])
+    return PairedTest("paired sign-flip permutation", len(shared), test["difference"], test["p_value"])

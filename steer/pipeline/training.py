@@ -1,0 +1,362 @@
+"""Step 4 of the method: train the correction head on the decision points of the pool's rollouts.
+
+The objective (:mod:`steer.pipeline.objective`) is the ReasonMaxxer recipe's advantage-weighted contrastive loss,
+restricted to the base top-k candidates. Training keeps the checkpoint with the best held-out gain, then chooses the
+correction's strength the same way. It reads the cached features of `steer score`; it never runs the model."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from steer.files import atomic_write_json
+from steer.head import (
+    CorrectionHead,
+    HeadMismatchError,
+    check_scale,
+    embedding_fingerprint,
+    fingerprints_match,
+    output_embedding,
+)
+from steer.pipeline.folders.rollouts import RolloutFolder
+from steer.pipeline.folders.scores import Features
+from steer.pipeline.labels import LabelFolder
+from steer.pipeline.objective import OBJECTIVES, Points, branch_batch, decision_batch
+from steer.pipeline.pool import Pool, resolve_tau, select_pool
+from steer.version import __version__
+
+TRAINING_FILE = "training.json"
+LABEL_SOURCES = ("advantage", "branches")
+GATE_WARNING = 0.10  # a head gating more of the training rollouts' steps than this steers far beyond decision points
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Head training settings. Pool and loss defaults follow the ReasonMaxxer recipe (50 problems, shortest 80%,
+    advantages clipped at 2.5, KL weight 0.2, 8 rollouts per step, grad clip 1.0, warm-up then linear decay); the
+    learning rate is the head's own (it is not a LoRA).
+
+    Attributes:
+        tau (`float`, *optional*), tau_quantile (`float`, *optional*, defaults to 0.95): the decision threshold in
+            nats, or as this quantile of the base entropy over the pool's generated positions (a given tau wins).
+            A quantile adapts to the model's entropy scale: the paper's 1.4 nats suits its Qwen models, but gated
+            60% of the steps of SmolLM2-135M and made it worse.
+        top_k (`int`, defaults to 5), rank (`int`, defaults to 16): the head's candidates and rank.
+        pool_problems (`int`, defaults to 50), keep_shortest (`float`, defaults to 0.8), advantage_clip (`float`,
+            defaults to 2.5): see [`select_pool`].
+        kl_weight (`float`, defaults to 0.2): weight of the anchor.
+        lr (`float`, defaults to 3e-3), steps (`int`, defaults to 150), warmup_steps (`int`, defaults to 50),
+            rollouts_per_step (`int`, defaults to 8), grad_clip (`float`, defaults to 1.0): AdamW schedule.
+        heldout_fraction (`float`, defaults to 0.2): share of pool problems held out to choose the checkpoint.
+        scales (`tuple[float, ...]`, defaults to `(0.5, 1, 2, 4, 8)`): the correction strengths tried after training;
+            the head keeps the one with the best held-out gain (training stops early, by held-out gain, before the
+            correction grows large, so a trained head is often too timid). `(1.0,)` keeps the trained strength.
+        eval_every (`int`, defaults to 10): steps between held-out evaluations.
+        objective (`str`, defaults to `"unlikelihood"`): `"unlikelihood"` or the paper's `"recipe"` (see
+            :mod:`steer.pipeline.objective`); for advantage labels.
+        labels (`str`, defaults to `"advantage"`): the targets: `"advantage"`, the paper's rollout advantages, or
+            `"branches"`, each candidate's own success from branch continuations (run `steer label` first).
+        seed (`int`, defaults to 0).
+    """
+
+    tau: float | None = None
+    tau_quantile: float | None = 0.95
+    top_k: int = 5
+    rank: int = 16
+    pool_problems: int = 50
+    keep_shortest: float = 0.8
+    advantage_clip: float = 2.5
+    kl_weight: float = 0.2
+    lr: float = 3e-3
+    steps: int = 150
+    warmup_steps: int = 50
+    rollouts_per_step: int = 8
+    grad_clip: float = 1.0
+    heldout_fraction: float = 0.2
+    scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    eval_every: int = 10
+    objective: str = "unlikelihood"
+    labels: str = "advantage"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.labels not in LABEL_SOURCES:
+            raise ValueError(f"labels must be one of {', '.join(LABEL_SOURCES)}; got {self.labels!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if not self.scales:
+            raise ValueError("scales must hold at least one correction strength")
+        for scale in self.scales:
+            check_scale(scale)
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    """What the head learned from: pool `problems` and `rollouts`, decision points for training and held out, the
+    held-out problems, each pool problem's pass rate, and the share of all generated positions that are decision
+    points."""
+
+    problems: int
+    rollouts: int
+    train_points: int
+    heldout_points: int
+    heldout_problems: list[str]
+    pass_rates: dict[str, float]
+    decision_fraction: float
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """How a head was made, saved beside it as `training.json`.
+
+    Attributes:
+        steer (`str`): the library's version. model (`str`): the base model. data (`dict[str, str]`): the rollouts
+            folder and content hashes of its rollouts and scores index.
+        settings ([`TrainSettings`]). tau (`float`): the resolved decision threshold (nats). pool ([`PoolRecord`]).
+        curve (`list[dict]`): per step: lr, loss, policy, kl, gain. heldout (`list[dict]`): the held-out evaluations.
+        selected_step (`int`), scale (`float`), scale_gains (`dict[str, float]`): the checkpoint and strength kept.
+        seconds (`float`): training time, loading included.
+        warnings (`list[str]`): what a user should know before decoding with the head (see [`GATE_WARNING`]).
+    """
+
+    steer: str
+    model: str
+    data: dict[str, str]
+    settings: TrainSettings
+    tau: float
+    pool: PoolRecord
+    curve: list[dict]
+    heldout: list[dict]
+    selected_step: int
+    scale: float
+    scale_gains: dict[str, float]
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        atomic_write_json(Path(out_dir) / TRAINING_FILE, asdict(self))
+
+
+@dataclass
+class TrainResult:
+    """A trained head (the held-out-best checkpoint) and the record of how it was made."""
+
+    head: CorrectionHead
+    record: TrainingRecord
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Save the head (safetensors and config) and `training.json` into `out_dir`."""
+        self.head.save_pretrained(out_dir)
+        self.record.save(out_dir)
+        return Path(out_dir)
+
+
+def train_head(
+    model: PreTrainedModel,
+    rollouts_dir: str | os.PathLike,
+    settings: TrainSettings = TrainSettings(),
+    *,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a correction head for `model` on the scored rollouts in `rollouts_dir`.
+
+    Args:
+        model (`PreTrainedModel`): the base model (only its output embedding is used).
+        rollouts_dir (`str` or `os.PathLike`): a folder written by [`run_rollouts`] and [`score_rollouts`].
+        settings ([`TrainSettings`]): pool, loss and optimiser settings.
+        progress (`bool`, defaults to `True`): show a progress bar.
+
+    Returns:
+        [`TrainResult`]; `result.save(dir)` writes it.
+
+    Raises:
+        [`NoContrastError`]: when no problem has both correct and incorrect rollouts.
+
+    Example:
+
+    ```python
+    >>> result = train_head(model, "runs/r1", TrainSettings(tau_quantile=0.95))  # doctest: +SKIP
+    >>> result.save("runs/r1/head")  # doctest: +SKIP
+    ```
+    """
+    start = time.perf_counter()
+    folder = RolloutFolder(rollouts_dir)
+    pool = select_pool(folder.records(), settings.pool_problems, settings.keep_shortest, settings.advantage_clip)
+    features = folder.scores.features(pool.keys)
+    embedding = output_embedding(model).detach()
+    if not fingerprints_match(features.embedding_fingerprint, embedding_fingerprint(embedding)):
+        raise HeadMismatchError(f"{folder.path} was scored with another model than {model.name_or_path}")
+    quantile = settings.tau_quantile if settings.tau is None else None
+    tau = resolve_tau(features, settings.tau, quantile)
+    if settings.labels == "branches":
+        points = branch_batch(features, LabelFolder.of(folder.path).success(), tau, settings.top_k)
+    else:
+        points = decision_batch(features, pool.advantages, tau, settings.top_k)
+    points = points.to(embedding.device)
+    heldout_problems = _heldout_problems(pool, settings)
+    in_heldout = torch.tensor([key[0] in heldout_problems for key in features.keys], device=embedding.device)
+    train, heldout = points.select(~in_heldout[points.rollout]), points.select(in_heldout[points.rollout])
+    if len(train) == 0:
+        source = "labelled by `steer label` " if settings.labels == "branches" else ""
+        raise ValueError(f"no decision point {source}above tau = {tau:.3f} nats in the training rollouts; lower tau")
+
+    head = CorrectionHead.for_model(model, rank=settings.rank, top_k=settings.top_k, tau=tau, seed=settings.seed)
+    head.config.tau_quantile = quantile
+    fit = fit_head(head, train, heldout, embedding, settings, progress)
+    scale_gains = choose_scale(head, heldout, embedding, settings)
+    record = TrainingRecord(
+        steer=__version__,
+        model=model.name_or_path,
+        data=_fingerprint_data(folder),
+        settings=settings,
+        tau=tau,
+        pool=PoolRecord(
+            problems=len(pool.pass_rates),
+            rollouts=len(pool.advantages),
+            train_points=len(train),
+            heldout_points=len(heldout),
+            heldout_problems=sorted(heldout_problems),
+            pass_rates=pool.pass_rates,
+            decision_fraction=len(points) / max(1, sum(e.numel() for e in features.entropy)),
+        ),
+        curve=fit.curve,
+        heldout=fit.evaluations,
+        selected_step=fit.selected_step,
+        scale=head.scale,
+        scale_gains=scale_gains,
+        seconds=time.perf_counter() - start,
+        warnings=gate_warnings(features, tau),
+    )
+    return TrainResult(head, record)
+
+
+def gate_warnings(features: Features, tau: float) -> list[str]:
+    """A warning when `tau` gates more than [`GATE_WARNING`] of the generated positions of the training rollouts."""
+    share = float((torch.cat(features.entropy) > tau).float().mean())
+    if share <= GATE_WARNING:
+        return []
+    return [f"tau = {tau:.3f} nats gates {share:.0%} of the generated positions of the training rollouts: the head "
+            f"would steer far more than the few percent of steps that are decision points, which can make a model "
+            f"worse; use a higher tau or --tau-quantile 0.95"]
+
+
+def _heldout_problems(pool: Pool, settings: TrainSettings) -> set[str]:
+    problems = sorted(pool.pass_rates)
+    count = min(len(problems) - 1, round(settings.heldout_fraction * len(problems)))
+    generator = torch.Generator().manual_seed(settings.seed)
+    return {problems[i] for i in torch.randperm(len(problems), generator=generator)[: max(0, count)].tolist()}
+
+
+def _schedule(step: int, settings: TrainSettings) -> float:
+    """Learning-rate multiplier: linear warm-up, then linear decay to zero at the last step."""
+    warmup = min(settings.warmup_steps, settings.steps - 1)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (settings.steps - step) / max(1, settings.steps - warmup))
+
+
+@dataclass
+class Fit:
+    """How [`fit_head`] went: the training `curve` (one entry per step), the held-out `evaluations`, and the step
+    whose weights the head now holds."""
+
+    curve: list[dict]
+    evaluations: list[dict]
+    selected_step: int
+
+
+def fit_head(
+    head: CorrectionHead,
+    train: Points,
+    heldout: Points,
+    embedding: torch.Tensor,
+    settings: TrainSettings = TrainSettings(),
+    progress: bool = False,
+) -> Fit:
+    """Optimise `head` on the `train` decision points with AdamW, evaluating on `heldout` every
+    `settings.eval_every` steps, and leave it holding the weights with the best held-out gain (the last weights
+    when `heldout` is empty).
+
+    Args:
+        head ([`CorrectionHead`]): the head to train (in place).
+        train ([`Points`]), heldout ([`Points`]): see [`decision_batch`] and [`branch_batch`].
+        embedding (`torch.Tensor` of shape `(vocab_size, hidden_size)`): the model's output embedding.
+        settings ([`TrainSettings`]): loss and optimiser settings (the pool settings are not used here).
+        progress (`bool`, defaults to `False`): show a progress bar.
+    """
+    head.to(embedding.device).train()
+    optimiser = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: _schedule(step, settings))
+    generator = torch.Generator().manual_seed(settings.seed)
+    rollouts = train.rollout.unique()
+    curve, evaluations = [], []
+    best = {"step": 0, "gain": -math.inf, "state": copy.deepcopy(head.state_dict())}
+    for step in tqdm(range(1, settings.steps + 1), disable=not progress, desc="training", unit="step"):
+        chosen = rollouts[torch.randperm(len(rollouts), generator=generator)[: settings.rollouts_per_step]]
+        batch = train.select(torch.isin(train.rollout, chosen.to(train.rollout.device)))
+        parts = batch.loss(head, embedding, settings.kl_weight, settings.objective)
+        optimiser.zero_grad()
+        parts["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), settings.grad_clip)
+        optimiser.step()
+        scheduler.step()
+        values = {name: float(value.detach()) for name, value in parts.items()}
+        curve.append({"step": step, "lr": scheduler.get_last_lr()[0], **values})
+        if len(heldout) and (step % settings.eval_every == 0 or step == settings.steps):
+            evaluation = _evaluate(head, heldout, embedding, settings)
+            evaluations.append({"step": step, **evaluation})
+            if evaluation["gain"] > best["gain"]:
+                best = {"step": step, "gain": evaluation["gain"], "state": copy.deepcopy(head.state_dict())}
+    if not len(heldout):
+        best = {"step": settings.steps, "gain": math.nan, "state": copy.deepcopy(head.state_dict())}
+    head.load_state_dict(best["state"])
+    head.eval()
+    return Fit(curve, evaluations, best["step"])
+
+
+def choose_scale(
+    head: CorrectionHead, heldout: Points, embedding: torch.Tensor, settings: TrainSettings
+) -> dict[str, float]:
+    """Set `head.scale` to the strength in `settings.scales` with the best held-out gain (the smallest of equals;
+    1.0 when there are no held-out points) and return the gain of each strength tried."""
+    if not len(heldout):
+        head.scale = 1.0
+        return {}
+    gains = {}
+    for scale in sorted(settings.scales):
+        head.scale = scale
+        gains[scale] = _evaluate(head, heldout, embedding, settings)["gain"]
+    head.scale = max(gains, key=lambda scale: gains[scale])
+    return {str(scale): gain for scale, gain in gains.items()}
+
+
+@torch.no_grad()
+def _evaluate(head: CorrectionHead, heldout: Points, embedding: torch.Tensor, settings: TrainSettings) -> dict:
+    parts = heldout.loss(head, embedding, settings.kl_weight, settings.objective)
+    return {name: float(value) for name, value in parts.items()}
+
+
+def _fingerprint_data(folder: RolloutFolder) -> dict[str, str]:
+    """Content hashes of the rollouts and the scores index, so a head names exactly the data it learned from."""
+    return {
+        "rollouts_dir": str(folder.path),
+        "rollouts_sha256": _sha256(folder.records_path),
+        "scores_sha256": _sha256(folder.scores.records_path),
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

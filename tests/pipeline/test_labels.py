@@ -1,0 +1,55 @@
+"""Branch labels on the planted model (`planted_choice` in conftest): at its one decision point (after "5") the
+rank-2 candidate "7" leads to the gold answer 123457 and the favoured "6" does not. Labels must say exactly that,
+and a head trained on them must make greedy decoding choose "7"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import steer
+from steer.pipeline.decoding import DecodingSettings
+from steer.pipeline.labels import LabelFolder, LabelSettings, label_branches
+from steer.pipeline.problems import Problem
+from steer.pipeline.rollout import RolloutSettings, run_rollouts
+from steer.pipeline.scoring import ScoreSettings, score_rollouts
+from steer.pipeline.training import TrainSettings, train_head
+
+
+@pytest.fixture(scope="module")
+def labelled(planted_choice, tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("labelled")
+    problems = [Problem(f"p{i}", f"Count {i}", "123457", "planted") for i in range(6)]
+    sampled = RolloutSettings(samples=12, batch_size=24, instruction="",
+                              decoding=DecodingSettings(temperature=1.5, top_p=1.0, max_new_tokens=12))
+    run_rollouts(planted_choice, tokenizer, problems, folder, sampled, progress=False)
+    score_rollouts(planted_choice, folder, ScoreSettings(floor=0.01, top_k=4), progress=False)
+    settings = LabelSettings(tau=0.05, points=1, top_k=3, pool_problems=6, max_new_tokens=12, batch_size=16)
+    summary = label_branches(planted_choice, tokenizer, folder, settings, progress=False)
+    return folder, summary
+
+
+def test_branch_labels_give_each_candidate_its_own_success(labelled, tokenizer):
+    folder, summary = labelled
+    success = LabelFolder.of(folder).success()
+    assert summary.points == len(success) > 0 and summary.branches == 3 * summary.points
+    five = tokenizer.convert_tokens_to_ids("5")
+    for (problem_id, sample, _), rates in success.items():
+        assert rates == [0.0, 1.0, 0.0], (problem_id, sample, rates)  # "6" fails, "7" succeeds, rank 3 junk fails
+    records = LabelFolder.of(folder).read_records()
+    assert {r["token"] for r in records if r["rank"] == 2} == {tokenizer.convert_tokens_to_ids("7")}
+    assert all(position == 5 for _, _, position in success) and five != tokenizer.convert_tokens_to_ids("7")
+
+
+def test_a_head_trained_on_branch_labels_takes_the_better_branch(labelled, planted_choice, tokenizer):
+    folder, _ = labelled
+    settings = TrainSettings(labels="branches", tau=0.05, top_k=2, rank=4, steps=60, warmup_steps=5, lr=0.05,
+                             eval_every=10, rollouts_per_step=16, kl_weight=0.0, keep_shortest=1.0)
+    result = train_head(planted_choice, folder, settings, progress=False)
+    assert result.record.settings.labels == "branches" and result.record.pool.train_points > 0
+    prompt = tokenizer("<|user|>Count 9<|assistant|>", add_special_tokens=False, return_tensors="pt")
+    plain = planted_choice.generate(**prompt, do_sample=False, max_new_tokens=12)
+    steered = steer.generate(planted_choice, result.head, **prompt, do_sample=False, max_new_tokens=12)
+    decode = lambda ids: tokenizer.decode(ids[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)  # noqa: E731
+    assert (decode(plain), decode(steered)) == ("123456", "123457")
+    assert torch.isfinite(torch.tensor([step["loss"] for step in result.record.curve])).all()
