@@ -32,7 +32,7 @@ def main() -> None:
             result = run_demo(out, settings=replace(DemoSettings(), seed=seed), progress=False)
         runs.append({"seed": seed, "base_accuracy": result.base_accuracy, "steered_accuracy": result.steered_accuracy,
                      "difference": result.steered_accuracy - result.base_accuracy,
-                     "p_value": result.paired_test["p_value"], "gated_fraction": result.gated_fraction,
+                     "p_value": result.paired_test.p_value, "gated_fraction": result.gated_fraction,
                      "changed_fraction": result.changed_fraction, "seconds": round(result.seconds, 1)})
         print(runs[-1], flush=True)
     differences = [run["difference"] for run in runs]

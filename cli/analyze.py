@@ -13,7 +13,16 @@ from steer.analysis.headroom import HeadroomReport, HeadroomSettings, headroom
 from steer.analysis.intervention import DEFAULT_TAU, InterventionReport, intervene
 from steer.analysis.intervention import REPORT_FILE as INTERVENTION_FILE
 from steer.cli.evaluate import load_benchmarks
-from steer.cli.options import cpu_option, data_options, emit, json_option, model_option, out_option
+from steer.cli.options import (
+    cpu_option,
+    data_options,
+    dtype_option,
+    emit,
+    json_option,
+    model_dtype,
+    model_option,
+    out_option,
+)
 from steer.cli.settings import settings_from, settings_options
 from steer.models import load_model
 from steer.pipeline.distributed import Workers, current_workers
@@ -94,9 +103,10 @@ def analyze() -> None:
 @data_options()
 @out_option("Folder for the analysis.")
 @settings_options(HeadroomSettings)
+@dtype_option
 @cpu_option
 @json_option
-def headroom_command(model, data, out, question_field, answer_field, limit, cpu, as_json, **options):
+def headroom_command(model, data, out, question_field, answer_field, limit, cpu, dtype, as_json, **options):
     """Branch the base model's failed completions at their decision points and grade every branch, against as many
     tries at random calm steps and as many resamples: the ceiling of decision-point steering on this task.
 
@@ -105,7 +115,7 @@ def headroom_command(model, data, out, question_field, answer_field, limit, cpu,
     """
     workers = current_workers(cpu)
     problems = load_problems(data, question_field=question_field, answer_field=answer_field, limit=limit)
-    lm, tokenizer = load_model(model, device=workers.device)
+    lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))
     report = headroom(lm, tokenizer, problems, out, settings_from(HeadroomSettings, options), workers=workers)
     if workers.is_main:
         emit(report, as_json, headroom_lines(report, out), out=out)

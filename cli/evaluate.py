@@ -8,7 +8,16 @@ from pathlib import Path
 import click
 
 from steer.analysis.tracing import DEFAULT_TRACE_TOP_K
-from steer.cli.options import cpu_option, data_options, emit, json_option, model_option, out_option
+from steer.cli.options import (
+    cpu_option,
+    data_options,
+    dtype_option,
+    emit,
+    json_option,
+    model_dtype,
+    model_option,
+    out_option,
+)
 from steer.cli.settings import settings_from, settings_options
 from steer.head import CorrectionHead
 from steer.models import load_model
@@ -74,9 +83,10 @@ def results_table(summary: EvalSummary) -> list[str]:
 @settings_options(EvalSettings, help={"samples": "Decodes per problem and arm."})
 @click.option("--trace", is_flag=True, help="Also record each decode's per-step entropy, gating and top-k "
               "candidates (the head's top-k, else 5) into OUT/traces/, for `steer view --run OUT`.")
+@dtype_option
 @cpu_option
 @json_option
-def evaluate_command(model, sources, out, head, question_field, answer_field, limit, trace, cpu, as_json,
+def evaluate_command(model, sources, out, head, question_field, answer_field, limit, trace, cpu, dtype, as_json,
                      **options):
     """Decode benchmarks with the base model and (with --head) the steered one, grade, and compare them.
 
@@ -86,7 +96,7 @@ def evaluate_command(model, sources, out, head, question_field, answer_field, li
     """
     workers = current_workers(cpu)
     benchmarks = load_benchmarks(sources, question_field, answer_field, limit)
-    lm, tokenizer = load_model(model, device=workers.device)
+    lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))
     steering = CorrectionHead.from_pretrained(head) if head else None
     if steering is not None:
         steering.check_compatible(lm)

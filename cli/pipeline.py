@@ -5,7 +5,16 @@ from __future__ import annotations
 import click
 from transformers import AutoTokenizer
 
-from steer.cli.options import cpu_option, data_options, emit, json_option, model_option, out_option
+from steer.cli.options import (
+    cpu_option,
+    data_options,
+    dtype_option,
+    emit,
+    json_option,
+    model_dtype,
+    model_option,
+    out_option,
+)
 from steer.cli.settings import settings_from, settings_options
 from steer.models import load_model
 from steer.pipeline.distributed import current_workers
@@ -24,9 +33,10 @@ from steer.pipeline.training import TrainSettings, train_head
 @data_options()
 @out_option("Folder of the rollout store.")
 @settings_options(RolloutSettings, help={"samples": "Rollouts per problem."})
+@dtype_option
 @cpu_option
 @json_option
-def rollout(model, data, out, question_field, answer_field, limit, cpu, as_json, **options):
+def rollout(model, data, out, question_field, answer_field, limit, cpu, dtype, as_json, **options):
     """Sample rollouts of the base model on benchmark problems and grade them into OUT/rollouts.jsonl.
 
     The store is appended to as batches finish; running the same command again after an interruption completes
@@ -34,7 +44,7 @@ def rollout(model, data, out, question_field, answer_field, limit, cpu, as_json,
     """
     workers = current_workers(cpu)
     problems = load_problems(data, question_field=question_field, answer_field=answer_field, limit=limit)
-    lm, tokenizer = load_model(model, device=workers.device)
+    lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))
     summary = run_rollouts(lm, tokenizer, problems, out, settings_from(RolloutSettings, options), workers=workers)
     if workers.is_main:
         emit(summary, as_json, [
@@ -68,15 +78,16 @@ def import_rollouts_command(model, source, out, data, instruction, as_json):
 @click.option("--rollouts", "-r", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder written by `steer rollout`.")
 @settings_options(ScoreSettings, help={"top_k": "Candidates stored per position (at least the head's top-k)."})
+@dtype_option
 @cpu_option
 @json_option
-def score(model, rollouts, cpu, as_json, **options):
+def score(model, rollouts, cpu, dtype, as_json, **options):
     """Teacher-force the base model over every rollout: per-token entropy, and decision-point features.
 
     Writes ROLLOUTS/scores; an interrupted run resumes. Under `accelerate launch` each process scores a share.
     """
     workers = current_workers(cpu)
-    lm, _ = load_model(model, device=workers.device)
+    lm, _ = load_model(model, device=workers.device, dtype=model_dtype(dtype))
     settings = settings_from(ScoreSettings, options)
     summary = score_rollouts(lm, rollouts, settings, workers=workers)
     if workers.is_main:
@@ -94,14 +105,15 @@ def score(model, rollouts, cpu, as_json, **options):
               help="Folder written by `steer rollout` and `steer score`.")
 @settings_options(LabelSettings, help={"points": "Decision points labelled per rollout (its first ones).",
                                        "top_k": "Candidates continued per point (at least the head's top-k)."})
+@dtype_option
 @cpu_option
 @json_option
-def label(model, rollouts, cpu, as_json, **options):
+def label(model, rollouts, cpu, dtype, as_json, **options):
     """Label decision points by branching: continue each top-k candidate greedily and grade it, so that `steer
     train --labels branches` learns each candidate's own success. Writes ROLLOUTS/labels; resumes; shares the
     branches among processes under `accelerate launch` or `torchrun`."""
     workers = current_workers(cpu)
-    lm, tokenizer = load_model(model, device=workers.device)
+    lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))
     summary = label_branches(lm, tokenizer, rollouts, settings_from(LabelSettings, options), workers=workers)
     if workers.is_main:
         emit(summary, as_json, [

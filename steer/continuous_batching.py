@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from steer.errors import SteeringError
+
 ENTRY_POINT = "init_continuous_batching"
 
 
@@ -65,8 +67,6 @@ class _Refusal:
         self.holders = 0
 
     def __call__(self, *args: object, **kwargs: object) -> None:
-        from steer.processor import SteeringError
-
         raise SteeringError(
             "a steering processor is attached to this model, and continuous batching (generate_batch, "
             "init_continuous_batching, or generate(cache_implementation='paged')) runs only transformers' own logits "

@@ -16,13 +16,9 @@ from torch import nn
 from transformers import LogitsProcessor
 
 from steer.continuous_batching import refuse_continuous_batching
-from steer.errors import SteerError
+from steer.errors import SteeringError
 from steer.functional import steer_logits
 from steer.head import CorrectionHead, output_embedding
-
-
-class SteeringError(SteerError, RuntimeError):
-    """Raised when steering cannot tell which hidden state a step's logits came from."""
 
 
 @dataclass(frozen=True)

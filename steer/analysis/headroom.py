@@ -62,7 +62,7 @@ class HeadroomSettings:
         points (`int`, defaults to 3): decision points branched per failed completion (its first ones).
         top_k (`int`, defaults to 5): candidates per point: the base choice and `top_k - 1` alternatives.
         temperature (`float`, defaults to 0.6), top_p (`float`, defaults to 0.95): sampling of the `resample` arm.
-        batch_size (`int`, defaults to 16), seed (`int`, defaults to 0), instruction (`str`): as for rollouts.
+        batch_size (`int`, defaults to 64), seed (`int`, defaults to 0), instruction (`str`): as for rollouts.
     """
 
     max_new_tokens: int = 256
@@ -72,7 +72,7 @@ class HeadroomSettings:
     top_k: int = 5
     temperature: float = 0.6
     top_p: float = 0.95
-    batch_size: int = 16
+    batch_size: int = 64
     seed: int = 0
     instruction: str = DEFAULT_INSTRUCTION
 

@@ -69,14 +69,15 @@ class SamplingSettings:
     Attributes:
         samples (`int`, defaults to 1): decodes per problem.
         decoding ([`DecodingSettings`]): temperature (0 is greedy), top-p and the length budget.
-        batch_size (`int`, defaults to 16): sequences decoded together.
+        batch_size (`int`, defaults to 64): sequences decoded together (on 2 CPU cores, 64 decoded SmolLM2-135M
+            1.2x faster than 16; see `benches/rollout_speed.py`).
         seed (`int`, defaults to 0): base seed; each batch is seeded from it and the batch's contents.
         instruction (`str`): appended to each question (by default, asks for the answer in `\\boxed{}`).
     """
 
     samples: int = 1
     decoding: DecodingSettings = field(default_factory=DecodingSettings)
-    batch_size: int = 16
+    batch_size: int = 64
     seed: int = 0
     instruction: str = DEFAULT_INSTRUCTION
 

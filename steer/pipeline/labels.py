@@ -65,7 +65,7 @@ class LabelSettings:
         pool_problems (`int`, defaults to 50): rollouts of this many problems with both outcomes, nearest a pass
             rate of 0.5 (the training pool's problems).
         max_new_tokens (`int`, defaults to 256): the completion's token budget, prefix included.
-        batch_size (`int`, defaults to 16), seed (`int`, defaults to 0).
+        batch_size (`int`, defaults to 64), seed (`int`, defaults to 0).
     """
 
     tau: float | None = None
@@ -74,7 +74,7 @@ class LabelSettings:
     top_k: int = 5
     pool_problems: int = 50
     max_new_tokens: int = 256
-    batch_size: int = 16
+    batch_size: int = 64
     seed: int = 0
 
 

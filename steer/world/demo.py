@@ -67,7 +67,7 @@ class DemoSettings:
         95% quantile of the base entropy, top-5 candidates."""
         train = TrainSettings(tau=None, tau_quantile=0.95, pool_problems=50, top_k=5, steps=150, warmup_steps=20,
                               rollouts_per_step=16)
-        settings = cls(samples=8, max_new_tokens=512, batch_size=16, instruction=DEFAULT_INSTRUCTION, floor=0.5,
+        settings = cls(samples=8, max_new_tokens=512, batch_size=64, instruction=DEFAULT_INSTRUCTION, floor=0.5,
                        train=train)
         for name, value in overrides.items():
             setattr(settings, name, value)

@@ -18,6 +18,9 @@ from typing import Any, ClassVar
 
 from steer.pipeline.store import read_jsonl
 
+RolloutKey = tuple[str, int]
+"""`(problem_id, sample)`: what identifies a rollout in every folder."""
+
 
 class RunFolder:
     """What the run folders share: a path, a record store and a settings file, named by each subclass.

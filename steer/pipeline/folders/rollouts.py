@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from steer.pipeline.folders import RunFolder
+from steer.pipeline.folders import RolloutKey, RunFolder
 from steer.pipeline.folders.scores import ScoreFolder
 
 RECORDS_FILE = "rollouts.jsonl"
@@ -33,8 +33,6 @@ FIELDS = {
     "finish_reason": "str: 'stop' (end-of-sequence token) or 'length' (token budget reached)",
     "num_tokens": "int: len(completion_ids)",
 }
-
-RolloutKey = tuple[str, int]
 
 
 def rollout_key(record: dict[str, Any]) -> RolloutKey:

@@ -20,17 +20,14 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from steer.files import atomic_write_json
-from steer.pipeline.folders import RunFolder
+from steer.pipeline.folders import RolloutKey, RunFolder
 from steer.pipeline.store import StoreError
-
-if TYPE_CHECKING:
-    from steer.pipeline.folders.rollouts import RolloutKey
 
 INDEX_FILE = "shards.jsonl"
 SETTINGS_FILE = "settings.json"
