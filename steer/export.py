@@ -162,7 +162,7 @@ def count_model_parameters(base_model: str, head: CorrectionHead) -> int:
 def read_evaluation(eval_dir: str | os.PathLike, head: CorrectionHead) -> Evaluation:
     """The summary of a `steer eval` folder with a steered arm, checked to come from `head` when the folder's
     settings record which head it ran (`eval.settings.json`)."""
-    from steer.pipeline.evaluation import _head_digest
+    from steer.pipeline.evaluation import head_digest
     from steer.pipeline.folders.predictions import SUMMARY_FILE, PredictionFolder
 
     folder = PredictionFolder(eval_dir)
@@ -176,7 +176,7 @@ def read_evaluation(eval_dir: str | os.PathLike, head: CorrectionHead) -> Evalua
         raise ExportError(f"{folder.path / SUMMARY_FILE} has no steered results: run `steer eval` with --head")
     settings = json.loads(folder.settings_path.read_text(encoding="utf-8")) if folder.settings_path.is_file() else {}
     recorded = settings.get("arms", {}).get("steered", {}).get("processor")
-    if recorded is not None and recorded != _head_digest(head):
+    if recorded is not None and recorded != head_digest(head):
         raise ExportError(f"{folder.path} evaluated another head (or this one with another tau, top-k or strength): "
                           "its numbers do not describe this head")
     return Evaluation(summary, settings)

@@ -72,7 +72,7 @@ class Arm:
 
     @classmethod
     def steered(cls, model: PreTrainedModel, head: CorrectionHead, name: str = "steered") -> Arm:
-        return cls(name, model, steering(model, head), _head_digest(head), head.tau)
+        return cls(name, model, steering(model, head), head_digest(head), head.tau)
 
     def describe(self) -> dict:
         return {"model": self.model.name_or_path, "processor": self.digest}
@@ -170,7 +170,7 @@ def evaluate(
     return summary
 
 
-def _head_digest(head: CorrectionHead) -> str:
+def head_digest(head: CorrectionHead) -> str:
     """A short content hash of a head's weights, gating and strength, so a resumed run cannot switch heads."""
     weights = save({name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()})
     return hashlib.sha256(weights + repr((head.tau, head.top_k, head.scale)).encode()).hexdigest()[:16]
