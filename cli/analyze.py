@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from steer.analysis.footprint import REPORT_FILE as FOOTPRINT_FILE
-from steer.analysis.footprint import FootprintResult, FootprintSettings, footprint
-from steer.analysis.headroom import REPORT_FILE as HEADROOM_FILE
-from steer.analysis.headroom import HeadroomReport, HeadroomSettings, headroom
-from steer.analysis.intervention import DEFAULT_TAU, InterventionReport, intervene
-from steer.analysis.intervention import REPORT_FILE as INTERVENTION_FILE
 from steer.cli.evaluate import load_benchmarks
 from steer.cli.options import (
     cpu_option,
@@ -24,10 +19,13 @@ from steer.cli.options import (
     out_option,
 )
 from steer.cli.settings import settings_from, settings_options
-from steer.models import load_model
-from steer.pipeline.distributed import Workers, current_workers
-from steer.pipeline.evaluation import EvalSettings
-from steer.pipeline.problems import load_problems
+from steer.settings import PAPER_TAU, EvalSettings, FootprintSettings, HeadroomSettings
+
+if TYPE_CHECKING:
+    from steer.analysis.footprint import FootprintResult
+    from steer.analysis.headroom import HeadroomReport
+    from steer.analysis.intervention import InterventionReport
+    from steer.pipeline.distributed import Workers
 
 
 def pair_options(command):
@@ -37,6 +35,8 @@ def pair_options(command):
 
 
 def load_pair(base: str, rl: str, workers: Workers):
+    from steer.models import load_model
+
     base_model, tokenizer = load_model(base, device=workers.device)
     rl_model, rl_tokenizer = load_model(rl, device=workers.device)
     if rl_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -45,6 +45,7 @@ def load_pair(base: str, rl: str, workers: Workers):
 
 
 def footprint_lines(result: FootprintResult, out: str) -> list[str]:
+    from steer.analysis.footprint import REPORT_FILE
     report = result.report
     entropy, shares = report.entropy, report.rank_share
     gates = [g for g in report.gate if g.tau in (0.5, 1.0, 1.4, 2.0)]
@@ -61,20 +62,24 @@ def footprint_lines(result: FootprintResult, out: str) -> list[str]:
         recall = "-" if gate.recall is None else f"{gate.recall:.3f}"
         lines.append(f"  entropy > {gate.tau}: gates {gate.gated_fraction:.2%} of positions, "
                      f"precision {precision}, recall {recall}")
-    return [*lines, f"-> {Path(out) / FOOTPRINT_FILE}", *(f"-> {plot}" for plot in result.plots)]
+    return [*lines, f"-> {Path(out) / REPORT_FILE}", *(f"-> {plot}" for plot in result.plots)]
 
 
 def intervention_lines(report: InterventionReport, out: str) -> list[str]:
+    from steer.analysis.intervention import REPORT_FILE
+
     lines = []
     for name, arms in report.benchmarks.items():
         for arm, row in arms.items():
             recovered = f", recovers {row.recovered:.1%} of the RL gain" if row.recovered is not None else ""
             gated = f", substituted at {row.gated:.2%} of steps" if arm in ("gated", "random") else ""
             lines.append(f"{name} {arm:>6}: accuracy {row.accuracy:.3f}{gated}{recovered}")
-    return [*lines, f"-> {Path(out) / INTERVENTION_FILE}"]
+    return [*lines, f"-> {Path(out) / REPORT_FILE}"]
 
 
 def headroom_lines(report: HeadroomReport, out: str) -> list[str]:
+    from steer.analysis.headroom import REPORT_FILE
+
     lines = [
         f"{report.problems} problems: base accuracy {report.base_accuracy:.3f}, {report.failures} failures, "
         f"{report.branched} with a decision point above tau = {report.tau:.3f} nats",
@@ -87,7 +92,7 @@ def headroom_lines(report: HeadroomReport, out: str) -> list[str]:
         f"ceiling (any decision-point switch) {report.ceiling_accuracy:.3f}; oracle at the first decision point "
         f"{report.oracle_accuracy:.3f}",
         f"fixing tokens by base rank: {report.rank_counts or '-'}",
-        f"-> {Path(out) / HEADROOM_FILE}",
+        f"-> {Path(out) / REPORT_FILE}",
     ]
     return lines
 
@@ -113,6 +118,11 @@ def headroom_command(model, data, out, question_field, answer_field, limit, cpu,
     Use problems held back from evaluation. Writes OUT/headroom.json (and headroom.png with matplotlib); resumes in
     OUT; shares the branches among processes under `accelerate launch` or `torchrun`.
     """
+    from steer.analysis.headroom import headroom
+    from steer.models import load_model
+    from steer.pipeline.distributed import current_workers
+    from steer.pipeline.problems import load_problems
+
     workers = current_workers(cpu)
     problems = load_problems(data, question_field=question_field, answer_field=answer_field, limit=limit)
     lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))
@@ -135,6 +145,10 @@ def footprint_command(base, rl, data, out, question_field, answer_field, limit, 
     where they differ, and the precision and recall of the gate "entropy > tau"; writes OUT/footprint.json and,
     with matplotlib (`pip install steer[analysis]`), entropy and rank histograms. Sampling resumes in OUT.
     """
+    from steer.analysis.footprint import footprint
+    from steer.pipeline.distributed import Workers, current_workers
+    from steer.pipeline.problems import load_problems
+
     launched = current_workers(cpu)
     if launched.world > 1:
         raise click.UsageError("footprint runs in one process; launch it without accelerate or torchrun")
@@ -149,7 +163,7 @@ def footprint_command(base, rl, data, out, question_field, answer_field, limit, 
 @pair_options
 @data_options(multiple=True)
 @out_option("Folder for the analysis.")
-@click.option("--tau", default=DEFAULT_TAU, show_default=True, type=float, help="Entropy gate in nats.")
+@click.option("--tau", default=PAPER_TAU, show_default=True, type=float, help="Entropy gate in nats.")
 @settings_options(EvalSettings, help={"samples": "Decodes per problem and arm."})
 @cpu_option
 @json_option
@@ -160,6 +174,9 @@ def intervene_command(base, rl, sources, out, tau, question_field, answer_field,
     Reports each arm's accuracy and the share of the RL gain the substitutions recover; writes OUT/arms,
     OUT/random and OUT/intervention.json. Resumes in OUT; shares work under `accelerate launch` or `torchrun`.
     """
+    from steer.analysis.intervention import intervene
+    from steer.pipeline.distributed import current_workers
+
     workers = current_workers(cpu)
     benchmarks = load_benchmarks(sources, question_field, answer_field, limit)
     base_model, rl_model, tokenizer = load_pair(base, rl, workers)

@@ -6,7 +6,6 @@ import platform
 import sys
 
 import click
-import torch
 
 from steer.cli.options import emit, json_option
 from steer.files import atomic_write_json
@@ -55,6 +54,8 @@ def kernels(batch, vocab, dtype, ks, rivals, runs, out, compile_only, archs, wor
     if compile_only:
         _compile_only(list(archs) or ["sm_80", "sm_90"], workers, out, as_json)
         return
+    import torch
+
     from steer.kernels import benchmark
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from steer import world
 from steer.cli.options import emit, json_option
-from steer.world.demo import RESULT_FILE, DemoResult, DemoSettings, StageReport, run_demo
+from steer.settings import DemoSettings
+
+if TYPE_CHECKING:
+    from steer.world.demo import DemoResult, StageReport
 
 
 def result_lines(result: DemoResult) -> list[str]:
     """The demo's outcome as text: the accuracy table, the paired test, and where the files went."""
+    from steer.world.demo import RESULT_FILE
+
     paired = result.paired_test
     return [
         f"held-out problems: {result.test_problems}    tau = {result.tau:.3f} nats    strength x{result.scale:g}",
@@ -80,6 +85,8 @@ def demo(seed, out, model, data, train_problems, test_problems, samples, max_new
     With --model and --data it splits the benchmark into training and held-out problems and runs the same loop.
     Files go to OUT: rollouts/, head/, eval/ and demo.json. A finished step is not redone when run again.
     """
+    from steer.world.demo import run_demo
+
     overrides = {name: value for name, value in [
         ("seed", seed), ("train_problems", train_problems), ("test_problems", test_problems), ("samples", samples),
         ("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("instruction", instruction)]
@@ -102,6 +109,8 @@ def demo(seed, out, model, data, train_problems, test_problems, samples, max_new
 def world_command(out, split, count, seed, as_json):
     """Write problems of the built-in reasoning world as a JSONL benchmark (id, question, answer) that `steer
     rollout` and `steer eval` read like any other, and show where its base model is."""
+    from steer import world
+
     path = world.write_benchmark(out, split, count, seed)
     emit({"benchmark": path, "problems": count, "split": split, "model": world.model_path()}, as_json,
          [f"{count} {split} problems -> {path}", f"base model: {world.model_path()}"])

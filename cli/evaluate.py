@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from steer.analysis.tracing import DEFAULT_TRACE_TOP_K
 from steer.cli.options import (
     cpu_option,
     data_options,
@@ -19,13 +19,11 @@ from steer.cli.options import (
     out_option,
 )
 from steer.cli.settings import settings_from, settings_options
-from steer.head import CorrectionHead
-from steer.models import load_model
-from steer.pipeline.distributed import current_workers
-from steer.pipeline.evaluation import EvalSettings, evaluate
-from steer.pipeline.folders.predictions import SUMMARY_FILE, PredictionFolder
-from steer.pipeline.problems import Problem, load_problems
-from steer.pipeline.summary import EvalSummary
+from steer.settings import EvalSettings
+
+if TYPE_CHECKING:
+    from steer.pipeline.problems import Problem
+    from steer.pipeline.summary import EvalSummary
 
 LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -41,6 +39,8 @@ def split_label(source: str) -> tuple[str, str]:
 def load_benchmarks(sources: tuple[str, ...], question_field: str | None, answer_field: str | None,
                     limit: int | None) -> dict[str, list[Problem]]:
     """The problems of each `--data` source, by label (see [`split_label`])."""
+    from steer.pipeline.problems import load_problems
+
     benchmarks = {}
     for source in sources:
         label, path = split_label(source)
@@ -94,6 +94,13 @@ def evaluate_command(model, sources, out, head, question_field, answer_field, li
     `accelerate launch -m steer eval ...` (or `torchrun --nproc_per_node N -m steer eval ... --cpu` on CPUs) the work
     is shared among processes and merged by the main one.
     """
+    from steer.head import CorrectionHead
+    from steer.models import load_model
+    from steer.pipeline.distributed import current_workers
+    from steer.pipeline.evaluation import evaluate
+    from steer.pipeline.folders.predictions import SUMMARY_FILE, PredictionFolder
+    from steer.pipeline.tracing import DEFAULT_TRACE_TOP_K
+
     workers = current_workers(cpu)
     benchmarks = load_benchmarks(sources, question_field, answer_field, limit)
     lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from steer.cli.options import emit, json_option
-from steer.export import MIN_TRANSFORMERS, export_head
 
 
 @click.command("export")
@@ -19,6 +18,8 @@ def export_command(head_path: str, out: str, base_model: str | None, eval_dir: s
     """Write a head, a custom_generate/ method and a model card into OUT, so that
     `model.generate(**inputs, custom_generate=OUT, trust_remote_code=True)` decodes with steering, without steer
     (transformers >= 5.17.0). Push OUT to the Hub to share it."""
+    from steer.export import MIN_TRANSFORMERS, export_head
+
     result = export_head(head_path, out, base_model=base_model, eval_dir=eval_dir)
     lines = [
         f"head for {result.base_model}: {result.head_parameters:,} parameters "

@@ -7,9 +7,7 @@ import platform
 from importlib import metadata
 
 import click
-import torch
 
-from steer.functional import active_kernel
 from steer.version import __version__
 
 
@@ -22,6 +20,10 @@ def _version(distribution: str) -> str | None:
 
 def environment() -> dict[str, object]:
     """What `steer info` reports, as a dictionary."""
+    import torch
+
+    from steer.functional import active_kernel
+
     cuda = torch.cuda.is_available()
     return {
         "steer": __version__,

@@ -1,27 +1,54 @@
 """Entry point of the `steer` command: the click group every command is registered on, and the one place that turns
-known failures into one-line errors."""
+known failures into one-line errors.
+
+Commands are loaded lazily: a command's module is imported only when that command runs (or its help is shown), and
+the command modules import torch, transformers and the pipeline inside their functions, so that `steer --help`,
+`steer CMD --help`, `steer --version` and a mistyped command answer at once.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
-from steer.cli.analyze import analyze
-from steer.cli.bench import bench
-from steer.cli.demo import demo, world_command
-from steer.cli.evaluate import evaluate_command
-from steer.cli.export import export_command
-from steer.cli.info import info
-from steer.cli.pipeline import import_rollouts_command, label, rollout, score, train
-from steer.cli.view import view_command
 from steer.errors import SteerError
 from steer.version import __version__
 
 # Failures whose message already says what is wrong and where: shown as "Error: <message>", exit status 1.
 KNOWN_ERRORS = (SteerError, FileNotFoundError, ValueError)
 
+# Command name -> "module:attribute" of its click command.
+COMMANDS = {
+    "analyze": "steer.cli.analyze:analyze",
+    "bench": "steer.cli.bench:bench",
+    "demo": "steer.cli.demo:demo",
+    "eval": "steer.cli.evaluate:evaluate_command",
+    "export": "steer.cli.export:export_command",
+    "import-rollouts": "steer.cli.pipeline:import_rollouts_command",
+    "info": "steer.cli.info:info",
+    "label": "steer.cli.pipeline:label",
+    "rollout": "steer.cli.pipeline:rollout",
+    "score": "steer.cli.pipeline:score",
+    "train": "steer.cli.pipeline:train",
+    "view": "steer.cli.view:view_command",
+    "world": "steer.cli.demo:world_command",
+}
+
 
 class SteerGroup(click.Group):
-    """A click group whose commands end known failures ([`KNOWN_ERRORS`]) with their message, not a traceback."""
+    """A click group that imports a command's module only when the command is looked up ([`COMMANDS`]), and whose
+    commands end known failures ([`KNOWN_ERRORS`]) with their message, not a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attribute = target.split(":")
+        return getattr(importlib.import_module(module), attribute)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -34,18 +61,3 @@ class SteerGroup(click.Group):
 @click.version_option(__version__, "--version", "-V", prog_name="steer")
 def main() -> None:
     """Steer a language model's decision points at decoding time: rollouts, head training, steered decoding."""
-
-
-main.add_command(analyze)
-main.add_command(bench)
-main.add_command(demo)
-main.add_command(import_rollouts_command)
-main.add_command(info)
-main.add_command(label)
-main.add_command(rollout)
-main.add_command(score)
-main.add_command(train)
-main.add_command(evaluate_command)
-main.add_command(export_command)
-main.add_command(world_command)
-main.add_command(view_command)

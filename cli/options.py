@@ -6,10 +6,12 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def model_option(command: Callable) -> Callable:
@@ -40,7 +42,11 @@ def dtype_option(command: Callable) -> Callable:
 
 def model_dtype(name: str) -> torch.dtype | None:
     """`None` for "auto" (the device's default, see `steer.models.default_dtype`), else the named torch dtype."""
-    return None if name == "auto" else getattr(torch, name)
+    if name == "auto":
+        return None
+    import torch
+
+    return getattr(torch, name)
 
 
 def cpu_option(command: Callable) -> Callable:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-from transformers import AutoTokenizer
 
 from steer.cli.options import (
     cpu_option,
@@ -16,16 +15,7 @@ from steer.cli.options import (
     out_option,
 )
 from steer.cli.settings import settings_from, settings_options
-from steer.models import load_model
-from steer.pipeline.distributed import current_workers
-from steer.pipeline.folders.rollouts import RolloutFolder
-from steer.pipeline.imports import import_rollouts
-from steer.pipeline.labels import LabelSettings, label_branches
-from steer.pipeline.problems import load_problems
-from steer.pipeline.prompts import DEFAULT_INSTRUCTION
-from steer.pipeline.rollout import RolloutSettings, run_rollouts
-from steer.pipeline.scoring import ScoreSettings, score_rollouts
-from steer.pipeline.training import TrainSettings, train_head
+from steer.settings import DEFAULT_INSTRUCTION, LabelSettings, RolloutSettings, ScoreSettings, TrainSettings
 
 
 @click.command()
@@ -42,6 +32,11 @@ def rollout(model, data, out, question_field, answer_field, limit, cpu, dtype, a
     The store is appended to as batches finish; running the same command again after an interruption completes
     it. Under `accelerate launch -m steer rollout ...` each process takes a share of the problems.
     """
+    from steer.models import load_model
+    from steer.pipeline.distributed import current_workers
+    from steer.pipeline.problems import load_problems
+    from steer.pipeline.rollout import run_rollouts
+
     workers = current_workers(cpu)
     problems = load_problems(data, question_field=question_field, answer_field=answer_field, limit=limit)
     lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))
@@ -67,6 +62,12 @@ def import_rollouts_command(model, source, out, data, instruction, as_json):
     """Turn rollouts sampled elsewhere (vLLM, SGLang, ...) into a rollouts folder: prompts and completions are
     tokenised with MODEL's tokenizer and graded where no reward is given; then `steer score` and `steer train` run
     on OUT as on any rollouts folder."""
+    from transformers import AutoTokenizer
+
+    from steer.pipeline.folders.rollouts import RolloutFolder
+    from steer.pipeline.imports import import_rollouts
+    from steer.pipeline.problems import load_problems
+
     tokenizer = AutoTokenizer.from_pretrained(model)
     problems = {p.id: p for p in load_problems(data)} if data else None
     total = import_rollouts(tokenizer, source, out, model_name=model, problems=problems, instruction=instruction)
@@ -86,6 +87,10 @@ def score(model, rollouts, cpu, dtype, as_json, **options):
 
     Writes ROLLOUTS/scores; an interrupted run resumes. Under `accelerate launch` each process scores a share.
     """
+    from steer.models import load_model
+    from steer.pipeline.distributed import current_workers
+    from steer.pipeline.scoring import score_rollouts
+
     workers = current_workers(cpu)
     lm, _ = load_model(model, device=workers.device, dtype=model_dtype(dtype))
     settings = settings_from(ScoreSettings, options)
@@ -112,6 +117,10 @@ def label(model, rollouts, cpu, dtype, as_json, **options):
     """Label decision points by branching: continue each top-k candidate greedily and grade it, so that `steer
     train --labels branches` learns each candidate's own success. Writes ROLLOUTS/labels; resumes; shares the
     branches among processes under `accelerate launch` or `torchrun`."""
+    from steer.models import load_model
+    from steer.pipeline.distributed import current_workers
+    from steer.pipeline.labels import label_branches
+
     workers = current_workers(cpu)
     lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))
     summary = label_branches(lm, tokenizer, rollouts, settings_from(LabelSettings, options), workers=workers)
@@ -133,6 +142,10 @@ def label(model, rollouts, cpu, dtype, as_json, **options):
 @json_option
 def train(model, rollouts, out, cpu, as_json, **options):
     """Train a correction head on the scored rollouts (no model forward passes) and save it to OUT."""
+    from steer.models import load_model
+    from steer.pipeline.distributed import current_workers
+    from steer.pipeline.training import train_head
+
     lm, _ = load_model(model, device=current_workers(cpu).device)
     settings = settings_from(TrainSettings, options)
     result = train_head(lm, rollouts, settings)

@@ -24,9 +24,7 @@ from typing import Any, TypeVar
 
 import click
 
-from steer.head import check_scale
-from steer.pipeline.objective import OBJECTIVES
-from steer.pipeline.training import LABEL_SOURCES
+from steer.settings import LABEL_SOURCES, OBJECTIVES, check_scale
 
 S = TypeVar("S")
 

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import click
-import torch
 
-from steer.analysis.view import ViewResult, view_from_prompt, view_from_run, write_view
 from steer.cli.options import cpu_option, emit, json_option
-from steer.head import CorrectionHead
-from steer.models import load_model
-from steer.pipeline.decoding import DecodingSettings
+from steer.settings import DecodingSettings
 
 
 @click.command("view")
@@ -37,6 +33,8 @@ def view_command(run_dir, model, head, prompt, max_new_tokens, temperature, seed
     Either --run DIR (a `steer eval --trace` folder: paginated, filterable by failed and changed), or --model,
     --head and --prompt (decoded base and steered, greedy by default).
     """
+    from steer.analysis.view import view_from_prompt, view_from_run, write_view
+
     if (run_dir is None) == (prompt is None):
         raise click.UsageError("give either --run DIR or --prompt TEXT (with --model and --head)")
     if run_dir is not None:
@@ -46,12 +44,17 @@ def view_command(run_dir, model, head, prompt, max_new_tokens, temperature, seed
     else:
         if not model or not head:
             raise click.UsageError("--prompt needs --model and --head")
+        import torch
+
+        from steer.head import CorrectionHead
+        from steer.models import load_model
+
         device = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
         lm, tokenizer = load_model(model, device=device)
         steering = CorrectionHead.from_pretrained(head)
         steering.check_compatible(lm)
         settings = DecodingSettings(temperature=temperature, max_new_tokens=max_new_tokens)
         page = view_from_prompt(lm, tokenizer, steering, prompt, settings, instruction=instruction, seed=seed)
-    result: ViewResult = write_view(page, out)
+    result = write_view(page, out)
     emit(result, as_json, [f"{result.items} item(s), {result.steps} traced tokens, {result.changed} changed by "
                            f"steering ({result.bytes / 1e6:.1f} MB) -> {result.out}"])

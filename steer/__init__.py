@@ -2,10 +2,9 @@
 
 Data flow: rollouts -> teacher-forced scores -> decision points (entropy > tau) -> correction head -> steered decoding.
 
-`import steer` loads the steering core only (the head, the per-step math, the processor and `steer.generate`). The
-offline pipeline (:mod:`steer.pipeline`), the analyses (:mod:`steer.analysis`) and the built-in world
-(:mod:`steer.world`) load on first use; the names below that come from them (`steer.run_demo`,
-`steer.load_problems`, ...) are resolved lazily.
+`import steer` imports nothing heavy: every name below is resolved on first use (`steer.generate` loads the
+steering core, torch and transformers; `steer.run_demo` the built-in world and the pipeline). The command line
+relies on it to answer `--help` at once.
 """
 
 from __future__ import annotations
@@ -13,16 +12,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from steer.errors import SteerError
-from steer.functional import entropy_topk, steer_logits
-from steer.generation import generate
-from steer.head import CorrectionHead, HeadConfig, HeadMismatchError
-from steer.processor import SteeringError, SteeringProcessor, SteeringStats
-from steer.reference import EntropyTopK, SteeredLogits
+from steer.errors import SteerError, SteeringError
 from steer.version import __version__
 
-# Names served from outside the core, loaded on first access: name -> (module, attribute).
+# Names loaded on first access: name -> (module, attribute).
 _LAZY = {
+    "CorrectionHead": ("steer.head", "CorrectionHead"),
+    "HeadConfig": ("steer.head", "HeadConfig"),
+    "HeadMismatchError": ("steer.head", "HeadMismatchError"),
+    "entropy_topk": ("steer.functional", "entropy_topk"),
+    "steer_logits": ("steer.functional", "steer_logits"),
+    "generate": ("steer.generation", "generate"),
+    "SteeringProcessor": ("steer.processor", "SteeringProcessor"),
+    "SteeringStats": ("steer.processor", "SteeringStats"),
+    "EntropyTopK": ("steer.reference", "EntropyTopK"),
+    "SteeredLogits": ("steer.reference", "SteeredLogits"),
     "DemoResult": ("steer.world.demo", "DemoResult"),
     "DemoSettings": ("steer.world.demo", "DemoSettings"),
     "run_demo": ("steer.world.demo", "run_demo"),
@@ -36,8 +40,13 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from steer.functional import entropy_topk, steer_logits
+    from steer.generation import generate
+    from steer.head import CorrectionHead, HeadConfig, HeadMismatchError
     from steer.pipeline.grading import answers_match, extract_answer, grade
     from steer.pipeline.problems import Problem, ProblemFileError, load_problems
+    from steer.processor import SteeringProcessor, SteeringStats
+    from steer.reference import EntropyTopK, SteeredLogits
     from steer.world.demo import DemoResult, DemoSettings, run_demo
     from steer.world.generator import model_path as world_model
 

@@ -62,8 +62,8 @@ def generate(
     ```
     """
     config = check_supported(model, generate_kwargs)
-    # generate keeps the scores it hands the processors as the raw logits of `output_logits=True`: steering them
-    # in place would change those
+    # generate keeps the scores it hands the processors as the raw logits of `output_logits=True`; otherwise nobody
+    # keeps them, and steering them in place saves a copy of [B, V] per step
     with SteeringProcessor(model, head, inplace=not config.output_logits) as steering:
         processors = LogitsProcessorList([steering, *(generate_kwargs.pop("logits_processor", None) or [])])
         output = model.generate(logits_processor=processors, **generate_kwargs)

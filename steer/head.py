@@ -30,19 +30,13 @@ from torch import nn
 from steer.errors import SteerError
 from steer.files import atomic_write_json
 from steer.reference import center_deltas
+from steer.settings import check_scale
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "head.safetensors"
 FINGERPRINT_ROWS = 32
 FINGERPRINT_SEED = 20260511
 FINGERPRINT_TOLERANCE = 0.02
-
-
-def check_scale(value: float) -> float:
-    """`value` as a correction strength (a finite number >= 0), or a `ValueError` saying what it was."""
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"a correction strength (scale) must be a finite number >= 0; got {value!r}")
-    return float(value)
 
 
 class HeadMismatchError(SteerError, ValueError):

@@ -101,18 +101,19 @@ class SteeringProcessor(LogitsProcessor):
     a `with` block, also when `generate` raises. `head.tau` and `head.top_k` are read at every step, so they can be
     changed between calls.
 
-    The scores are steered in place: `generate` hands each processor its own float32 copy of the step's logits, so
-    adjusting the k entries of the gated rows there saves writing a copy of the whole `[B, V]` tensor every step.
-    The one exception is `generate(..., output_logits=True)` in sampling and greedy search, which keeps that very
-    tensor as the "raw" logits: pass `inplace=False` then.
+    Like every processor in `transformers`, it returns new scores and leaves the tensor it is handed untouched:
+    `generate(..., output_logits=True)` keeps that very tensor as the model's raw logits. A caller that knows nobody
+    keeps it can pass `inplace=True`: only the k entries of each gated row are then written, in the tensor itself,
+    which saves a copy of the whole `[B, V]` scores every step ([`steer.generate`] does so whenever `output_logits`
+    is off).
 
     Args:
         model (`PreTrainedModel`): the causal LM whose logits are steered.
         head ([`CorrectionHead`]): a head made for `model` (checked at construction: [`HeadMismatchError`]).
         record_rows (`bool`, defaults to `False`): keep the per-step gated and changed masks, for per-sequence
             counters (see [`row_masks`]).
-        inplace (`bool`, defaults to `True`): steer the scores it is handed in place (see above); `False` returns a
-            steered copy and leaves them untouched.
+        inplace (`bool`, defaults to `False`): steer the scores it is handed in place instead of returning a
+            steered copy (see above). Only where nothing else keeps them: not with `output_logits=True`.
 
     Example:
 
@@ -125,7 +126,7 @@ class SteeringProcessor(LogitsProcessor):
     """
 
     def __init__(
-        self, model: nn.Module, head: CorrectionHead, record_rows: bool = False, inplace: bool = True
+        self, model: nn.Module, head: CorrectionHead, record_rows: bool = False, inplace: bool = False
     ) -> None:
         head.check_compatible(model)
         self.head = head

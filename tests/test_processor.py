@@ -95,6 +95,49 @@ def test_random_head_changes_only_topk_logits_of_gated_rows(arch, make_model, to
     assert 0 < stats.gated < stats.rows, "tau at the median entropy should gate some rows but not all"
 
 
+class LogitsRecorder:
+    """Test-side hook on the whole model: the last-position logits of every forward, as the model returned them."""
+
+    def __init__(self, model):
+        self.logits: list[torch.Tensor] = []
+        self.handle = model.register_forward_hook(
+            lambda module, args, output: self.logits.append(output.logits[:, -1].detach().float().clone())
+        )
+
+
+def generate_with_processor(model, processor, inputs) -> tuple[object, list[torch.Tensor]]:
+    """`generate` as the README's direct use of the processor, keeping raw logits and processed scores."""
+    recorder = LogitsRecorder(model)
+    try:
+        out = model.generate(**inputs, logits_processor=LogitsProcessorList([processor]), max_new_tokens=6,
+                             do_sample=False, output_logits=True, output_scores=True, return_dict_in_generate=True)
+    finally:
+        recorder.handle.remove()
+    return out, recorder.logits
+
+
+def test_processor_used_directly_leaves_generate_raw_logits_alone(arch, make_model, tokenizer):
+    """With the processor in `logits_processor` and `output_logits=True`, `generate`'s raw logits are what the model
+    produced, and its processed scores differ from them at the gated rows only."""
+    model = make_model(arch)
+    inputs = encode(tokenizer)
+    head = random_head(model, tau=median_entropy(model, inputs), top_k=3)
+    with SteeringProcessor(model, head, record_rows=True) as steering:
+        out, produced = generate_with_processor(model, steering, inputs)
+        gated_steps, _ = steering.row_masks()
+    assert len(out.logits) == len(produced) == gated_steps.shape[1] == 6
+    for step, (raw, processed, model_logits) in enumerate(zip(out.logits, out.scores, produced)):
+        assert torch.equal(raw, model_logits), f"step {step}: generate's raw logits are not the model's"
+        differs = (processed != raw).any(-1)
+        assert torch.equal(differs, gated_steps[:, step]), f"step {step}: steered rows are not the gated rows"
+    assert 0 < int(gated_steps.sum()) < gated_steps.numel()
+
+    # the opt-in in-place mode writes into the very tensor generate keeps: the test above would see it
+    with SteeringProcessor(model, head, inplace=True) as steering:
+        out, produced = generate_with_processor(model, steering, inputs)
+    assert any(not torch.equal(raw, model_logits) for raw, model_logits in zip(out.logits, produced))
+
+
 def test_left_padded_row_steers_as_the_same_row_alone(arch, make_model, tokenizer, seed):
     # float64, so that padding cannot flip a near-tie, where the architecture runs in it (MoE grouped matmuls do not;
     # Gemma-2's eager attention gives NaN on padded rows).

@@ -13,13 +13,13 @@ import torch
 from click.testing import CliRunner
 
 from steer import CorrectionHead
-from steer.analysis.tracing import StepTrace, Tracer
 from steer.analysis.view import ArmView, ViewItem, ViewPage, embedded_data, render_html, view_from_prompt, view_from_run
 from steer.cli.main import main
 from steer.pipeline.decoding import DecodingSettings, decode_batch
 from steer.pipeline.evaluation import EvalSettings, evaluate
-from steer.pipeline.folders.predictions import PredictionFolder, TraceError
+from steer.pipeline.folders.predictions import PredictionFolder, StepTrace, TraceError
 from steer.pipeline.problems import load_problems
+from steer.pipeline.tracing import Tracer
 from steer.processor import SteeringProcessor
 from steer.reference import entropy_topk
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,36 +24,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steer.files import atomic_write_json
 from steer.functional import entropy_topk
-from steer.pipeline.decoding import DecodingSettings
 from steer.pipeline.folders.rollouts import RolloutFolder, rollout_length
 from steer.pipeline.problems import Problem
 from steer.pipeline.progress import ThroughputBar
-from steer.pipeline.rollout import RolloutSettings, run_rollouts
+from steer.pipeline.rollout import run_rollouts
 from steer.pipeline.scoring import teacher_force, token_batches
+from steer.settings import DEFAULT_TAUS, FootprintSettings
 
 POSITIONS_FILE = "positions.safetensors"
 REPORT_FILE = "footprint.json"
-DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(1, 41))
 RANKS = (1, 5, 10)
 ENTROPY_BINS = 40
-
-
-@dataclass(frozen=True)
-class FootprintSettings:
-    """How the comparison is made.
-
-    Attributes:
-        rollouts ([`RolloutSettings`]): how the RL model's completions are sampled (defaults: 4 per problem at
-            temperature 0.6, top-p 0.95, 1024 new tokens).
-        max_batch_tokens (`int`, defaults to 4096): tokens (padding included) per teacher-forced pass.
-        taus (`tuple[float, ...]`): thresholds at which the entropy gate's precision and recall are reported.
-    """
-
-    rollouts: RolloutSettings = field(
-        default_factory=lambda: RolloutSettings(samples=4, decoding=DecodingSettings(max_new_tokens=1024))
-    )
-    max_batch_tokens: int = 4096
-    taus: tuple[float, ...] = DEFAULT_TAUS
 
 
 @dataclass(frozen=True)

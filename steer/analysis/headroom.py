@@ -42,43 +42,13 @@ from steer.pipeline.folders import RunFolder
 from steer.pipeline.folders.rollouts import RolloutFolder, rollout_length
 from steer.pipeline.jobs import Job, run_job
 from steer.pipeline.problems import Problem
-from steer.pipeline.prompts import DEFAULT_INSTRUCTION
 from steer.pipeline.rollout import RolloutSettings, run_rollouts
 from steer.pipeline.scoring import teacher_force, token_batches
+from steer.settings import HeadroomSettings
 
 REPORT_FILE = "headroom.json"
 PLOT_FILE = "headroom.png"
 ARMS = ("decision", "random", "resample")
-
-
-@dataclass(frozen=True)
-class HeadroomSettings:
-    """How the headroom is probed.
-
-    Attributes:
-        max_new_tokens (`int`, defaults to 256): the token budget of a completion, branches included.
-        tau (`float`, *optional*), tau_quantile (`float`, defaults to 0.9): the decision threshold in nats, or as
-            this quantile of the base entropy over all positions of the base completions (a given tau wins).
-        points (`int`, defaults to 3): decision points branched per failed completion (its first ones).
-        top_k (`int`, defaults to 5): candidates per point: the base choice and `top_k - 1` alternatives.
-        temperature (`float`, defaults to 0.6), top_p (`float`, defaults to 0.95): sampling of the `resample` arm.
-        batch_size (`int`, defaults to 64), seed (`int`, defaults to 0), instruction (`str`): as for rollouts.
-    """
-
-    max_new_tokens: int = 256
-    tau: float | None = None
-    tau_quantile: float = 0.9
-    points: int = 3
-    top_k: int = 5
-    temperature: float = 0.6
-    top_p: float = 0.95
-    batch_size: int = 64
-    seed: int = 0
-    instruction: str = DEFAULT_INSTRUCTION
-
-    def __post_init__(self) -> None:
-        if self.top_k < 2 or self.points < 1:
-            raise ValueError(f"headroom needs top_k >= 2 and points >= 1; got top_k={self.top_k}, points={self.points}")
 
 
 class BranchFolder(RunFolder):

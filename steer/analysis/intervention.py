@@ -29,9 +29,9 @@ from steer.pipeline.evaluation import Arm, EvalSettings, evaluate
 from steer.pipeline.folders.predictions import PredictionFolder
 from steer.pipeline.problems import Problem
 from steer.pipeline.summary import ArmSummary
+from steer.settings import PAPER_TAU
 
 REPORT_FILE = "intervention.json"
-DEFAULT_TAU = 1.4  # the paper's entropy gate (nats)
 
 
 class SubstitutionProcessor(LogitsProcessor):
@@ -177,7 +177,7 @@ def intervene(
     out_dir: str | os.PathLike,
     settings: EvalSettings = EvalSettings(),
     *,
-    tau: float = DEFAULT_TAU,
+    tau: float = PAPER_TAU,
     workers: Workers = Workers(),
     progress: bool = True,
 ) -> InterventionReport | None:

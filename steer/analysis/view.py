@@ -1,6 +1,6 @@
 """`steer view`: a self-contained HTML page that shows where steering acted, token by token.
 
-A page is made from [`StepTrace`]s (:mod:`steer.analysis.tracing`), either of a `steer eval --trace` run
+A page is made from [`StepTrace`]s (:mod:`steer.pipeline.folders.predictions`), either of a `steer eval --trace` run
 ([`view_from_run`]) or of one prompt decoded base and steered side by side ([`view_from_prompt`]). Each generated
 token is coloured by its base entropy; the steps where the head's gate opened are underlined, those where steering
 changed the top-1 are outlined, and hovering or clicking a token shows the base top-k candidates with their base and
@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from steer.analysis.tracing import StepTrace, Tracer, token_texts
 from steer.files import atomic_write_text
 from steer.head import CorrectionHead
 from steer.pipeline.decoding import DecodingSettings, decode_batch, steering
-from steer.pipeline.folders.predictions import PredictionFolder
+from steer.pipeline.folders.predictions import PredictionFolder, StepTrace
 from steer.pipeline.prompts import build_prompt, encode_prompt
+from steer.pipeline.tracing import Tracer, token_texts
 
 TEMPLATE = "view.html"
 DATA_MARKER = "__STEER_VIEW_DATA__"

@@ -106,8 +106,9 @@ class SteerLM(HFLM):
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any):
         """lm-eval's generation, with a [`SteeringProcessor`] first among the logits processors."""
-        check_supported(self.model, generation_kwargs)
-        with SteeringProcessor(self.model, self.head) as steering:
+        config = check_supported(self.model, generation_kwargs)
+        # as in steer.generate: in place unless generate keeps the scores as its raw logits
+        with SteeringProcessor(self.model, self.head, inplace=not config.output_logits) as steering:
             processors = LogitsProcessorList([steering, *(generation_kwargs.pop("logits_processor", None) or [])])
             output = super()._model_generate(context, max_length, stop, logits_processor=processors,
                                              **generation_kwargs)

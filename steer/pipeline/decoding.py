@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from steer.head import CorrectionHead
-from steer.pipeline.prompts import DEFAULT_INSTRUCTION
 from steer.processor import SteeringProcessor
+from steer.settings import DecodingSettings
 
 T = TypeVar("T")
 
@@ -40,48 +40,6 @@ class Completion:
         return len(self.token_ids)
 
 
-@dataclass(frozen=True)
-class DecodingSettings:
-    """How to decode. `temperature=0` means greedy search.
-
-    Attributes:
-        temperature (`float`, defaults to 0.6), top_p (`float`, defaults to 0.95): sampling parameters.
-        max_new_tokens (`int`, defaults to 8192): the recipe's rollout budget.
-    """
-
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 8192
-
-    def generate_kwargs(self) -> dict:
-        if self.temperature == 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, "temperature": None, "top_p": None,
-                    "top_k": None}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": None,
-                "max_new_tokens": self.max_new_tokens}
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How a decoding job samples its problems; rollouts and evaluation derive their settings from it, each with its
-    own defaults.
-
-    Attributes:
-        samples (`int`, defaults to 1): decodes per problem.
-        decoding ([`DecodingSettings`]): temperature (0 is greedy), top-p and the length budget.
-        batch_size (`int`, defaults to 64): sequences decoded together (on 2 CPU cores, 64 decoded SmolLM2-135M
-            1.2x faster than 16; see `benches/rollout_speed.py`).
-        seed (`int`, defaults to 0): base seed; each batch is seeded from it and the batch's contents.
-        instruction (`str`): appended to each question (by default, asks for the answer in `\\boxed{}`).
-    """
-
-    samples: int = 1
-    decoding: DecodingSettings = field(default_factory=DecodingSettings)
-    batch_size: int = 64
-    seed: int = 0
-    instruction: str = DEFAULT_INSTRUCTION
-
-
 class RecordingProcessor(Protocol):
     """A logits processor that intervenes at some steps and records where: what [`decode_batch`] runs.
 
@@ -102,8 +60,9 @@ ProcessorFactory = Callable[[dict[str, torch.Tensor]], RecordingProcessor]
 
 
 def steering(model: PreTrainedModel, head: CorrectionHead) -> ProcessorFactory:
-    """The factory of [`SteeringProcessor`]s for `model` and `head`, recording per-row masks."""
-    return lambda batch: SteeringProcessor(model, head, record_rows=True)
+    """The factory of [`SteeringProcessor`]s for `model` and `head`, recording per-row masks. They steer in place:
+    [`decode_batch`] keeps only the generated tokens, never the scores."""
+    return lambda batch: SteeringProcessor(model, head, record_rows=True, inplace=True)
 
 
 def derive_seed(seed: int, *keys: object) -> int:

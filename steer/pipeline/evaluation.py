@@ -18,38 +18,29 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from safetensors.torch import save
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from steer.analysis.tracing import StepTrace, Tracer, token_texts
 from steer.head import CorrectionHead
 from steer.pipeline.decoding import (
     Completion,
-    DecodingSettings,
     ProcessorFactory,
-    SamplingSettings,
     batches_by_length,
     decode_batch,
     derive_seed,
     steering,
 )
 from steer.pipeline.distributed import Workers
-from steer.pipeline.folders.predictions import PredictionFolder
+from steer.pipeline.folders.predictions import PredictionFolder, StepTrace
 from steer.pipeline.grading import extract_answer, grade
 from steer.pipeline.jobs import Job, Work, run_job
 from steer.pipeline.problems import Problem
 from steer.pipeline.prompts import build_prompt, encode_prompt
 from steer.pipeline.summary import EvalSummary, RunStats, summarize
-
-
-@dataclass(frozen=True)
-class EvalSettings(SamplingSettings):
-    """How benchmarks are decoded (defaults: the paper's evaluation, one sample at temperature 0.6 and top-p 0.95, up
-    to 4096 new tokens). Fields as in [`SamplingSettings`]; `samples` above 1 gives avg@n and pass@k."""
-
-    decoding: DecodingSettings = field(default_factory=lambda: DecodingSettings(max_new_tokens=4096))
+from steer.pipeline.tracing import Tracer, token_texts
+from steer.settings import EvalSettings
 
 
 @dataclass(frozen=True)

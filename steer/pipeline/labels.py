@@ -25,6 +25,7 @@ from steer.pipeline.folders.scores import Features
 from steer.pipeline.jobs import Job, run_job
 from steer.pipeline.pool import resolve_tau, select_pool
 from steer.pipeline.progress import Throughput
+from steer.settings import LabelSettings
 
 LABELS_DIR = "labels"
 
@@ -51,31 +52,6 @@ class LabelFolder(RunFolder):
             by_point[point][record["rank"]] = float(record["correct"])
         return {point: [ranks[r] for r in range(1, len(ranks) + 1)] for point, ranks in by_point.items()
                 if sorted(ranks) == list(range(1, len(ranks) + 1))}
-
-
-@dataclass(frozen=True)
-class LabelSettings:
-    """Which points are labelled, and how.
-
-    Attributes:
-        tau (`float`, *optional*), tau_quantile (`float`, defaults to 0.95): the decision threshold (a given tau
-            wins); use the same as `steer train`.
-        points (`int`, defaults to 2): decision points labelled per rollout (its first ones).
-        top_k (`int`, defaults to 5): candidates continued per point (the head's top-k or more).
-        pool_problems (`int`, defaults to 50): rollouts of this many problems with both outcomes, nearest a pass
-            rate of 0.5 (the training pool's problems).
-        max_new_tokens (`int`, defaults to 256): the completion's token budget, prefix included.
-        batch_size (`int`, defaults to 64), seed (`int`, defaults to 0).
-    """
-
-    tau: float | None = None
-    tau_quantile: float = 0.95
-    points: int = 2
-    top_k: int = 5
-    pool_problems: int = 50
-    max_new_tokens: int = 256
-    batch_size: int = 64
-    seed: int = 0
 
 
 @dataclass(frozen=True)

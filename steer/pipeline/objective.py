@@ -29,7 +29,6 @@ from steer.head import CorrectionHead
 from steer.pipeline.folders.rollouts import RolloutKey
 from steer.pipeline.folders.scores import Features
 
-OBJECTIVES = ("unlikelihood", "recipe")
 MASKED = -1e9  # log-probability of an empty candidate slot: exp underflows to 0 without producing NaN
 
 

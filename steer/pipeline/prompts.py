@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+from steer.settings import DEFAULT_INSTRUCTION
 
 
 def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, instruction: str = DEFAULT_INSTRUCTION) -> str:

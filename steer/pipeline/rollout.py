@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from steer.pipeline.decoding import Completion, SamplingSettings, batches_by_length, decode_batch, derive_seed
+from steer.pipeline.decoding import Completion, batches_by_length, decode_batch, derive_seed
 from steer.pipeline.distributed import Workers
 from steer.pipeline.folders.rollouts import RolloutFolder
 from steer.pipeline.grading import extract_answer, grade
@@ -22,16 +22,9 @@ from steer.pipeline.jobs import Job, Work, run_job
 from steer.pipeline.problems import Problem
 from steer.pipeline.progress import Throughput
 from steer.pipeline.prompts import build_prompt, encode_prompt
+from steer.settings import RolloutSettings
 
 RewardFn = Callable[[str, Problem], float]
-
-
-@dataclass(frozen=True)
-class RolloutSettings(SamplingSettings):
-    """How rollouts are sampled (defaults: the ReasonMaxxer recipe, 20 samples at temperature 0.6, top-p 0.95, up to
-    8192 new tokens). Fields as in [`SamplingSettings`]."""
-
-    samples: int = 20
 
 
 @dataclass(frozen=True)

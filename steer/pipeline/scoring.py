@@ -26,25 +26,7 @@ from steer.pipeline.distributed import Workers
 from steer.pipeline.folders.rollouts import RolloutFolder, rollout_key, rollout_length
 from steer.pipeline.jobs import Job, Work, run_job
 from steer.pipeline.progress import Throughput
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    """How rollouts are scored.
-
-    Attributes:
-        floor (`float`, defaults to 0.5): store features at positions with entropy above this (nats).
-        top_k (`int`, defaults to 16): candidates stored per position (at least the head's `top_k`).
-        max_batch_tokens (`int`, defaults to 4096): tokens (padding included) per forward pass.
-        shard_rollouts (`int`, defaults to 256): rollouts per shard file.
-        report_tau (`float`, defaults to 1.4): the threshold whose per-rollout share of positions is recorded.
-    """
-
-    floor: float = 0.5
-    top_k: int = 16
-    max_batch_tokens: int = 4096
-    shard_rollouts: int = 256
-    report_tau: float = 1.4
+from steer.settings import ScoreSettings
 
 
 @dataclass(frozen=True)

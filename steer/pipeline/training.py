@@ -22,7 +22,6 @@ from steer.files import atomic_write_json
 from steer.head import (
     CorrectionHead,
     HeadMismatchError,
-    check_scale,
     embedding_fingerprint,
     fingerprints_match,
     output_embedding,
@@ -30,73 +29,13 @@ from steer.head import (
 from steer.pipeline.folders.rollouts import RolloutFolder
 from steer.pipeline.folders.scores import Features
 from steer.pipeline.labels import LabelFolder
-from steer.pipeline.objective import OBJECTIVES, Points, branch_batch, decision_batch
+from steer.pipeline.objective import Points, branch_batch, decision_batch
 from steer.pipeline.pool import Pool, resolve_tau, select_pool
+from steer.settings import TrainSettings
 from steer.version import __version__
 
 TRAINING_FILE = "training.json"
-LABEL_SOURCES = ("advantage", "branches")
 GATE_WARNING = 0.10  # a head gating more of the training rollouts' steps than this steers far beyond decision points
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Head training settings. Pool and loss defaults follow the ReasonMaxxer recipe (50 problems, shortest 80%,
-    advantages clipped at 2.5, KL weight 0.2, 8 rollouts per step, grad clip 1.0, warm-up then linear decay); the
-    learning rate is the head's own (it is not a LoRA).
-
-    Attributes:
-        tau (`float`, *optional*), tau_quantile (`float`, *optional*, defaults to 0.95): the decision threshold in
-            nats, or as this quantile of the base entropy over the pool's generated positions (a given tau wins).
-            A quantile adapts to the model's entropy scale: the paper's 1.4 nats suits its Qwen models, but gated
-            60% of the steps of SmolLM2-135M and made it worse.
-        top_k (`int`, defaults to 5), rank (`int`, defaults to 16): the head's candidates and rank.
-        pool_problems (`int`, defaults to 50), keep_shortest (`float`, defaults to 0.8), advantage_clip (`float`,
-            defaults to 2.5): see [`select_pool`].
-        kl_weight (`float`, defaults to 0.2): weight of the anchor.
-        lr (`float`, defaults to 3e-3), steps (`int`, defaults to 150), warmup_steps (`int`, defaults to 50),
-            rollouts_per_step (`int`, defaults to 8), grad_clip (`float`, defaults to 1.0): AdamW schedule.
-        heldout_fraction (`float`, defaults to 0.2): share of pool problems held out to choose the checkpoint.
-        scales (`tuple[float, ...]`, defaults to `(0.5, 1, 2, 4, 8)`): the correction strengths tried after training;
-            the head keeps the one with the best held-out gain (training stops early, by held-out gain, before the
-            correction grows large, so a trained head is often too timid). `(1.0,)` keeps the trained strength.
-        eval_every (`int`, defaults to 10): steps between held-out evaluations.
-        objective (`str`, defaults to `"unlikelihood"`): `"unlikelihood"` or the paper's `"recipe"` (see
-            :mod:`steer.pipeline.objective`); for advantage labels.
-        labels (`str`, defaults to `"advantage"`): the targets: `"advantage"`, the paper's rollout advantages, or
-            `"branches"`, each candidate's own success from branch continuations (run `steer label` first).
-        seed (`int`, defaults to 0).
-    """
-
-    tau: float | None = None
-    tau_quantile: float | None = 0.95
-    top_k: int = 5
-    rank: int = 16
-    pool_problems: int = 50
-    keep_shortest: float = 0.8
-    advantage_clip: float = 2.5
-    kl_weight: float = 0.2
-    lr: float = 3e-3
-    steps: int = 150
-    warmup_steps: int = 50
-    rollouts_per_step: int = 8
-    grad_clip: float = 1.0
-    heldout_fraction: float = 0.2
-    scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
-    eval_every: int = 10
-    objective: str = "unlikelihood"
-    labels: str = "advantage"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.labels not in LABEL_SOURCES:
-            raise ValueError(f"labels must be one of {', '.join(LABEL_SOURCES)}; got {self.labels!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
-        if not self.scales:
-            raise ValueError("scales must hold at least one correction strength")
-        for scale in self.scales:
-            check_scale(scale)
 
 
 @dataclass(frozen=True)

@@ -23,55 +23,13 @@ from steer.pipeline.decoding import DecodingSettings
 from steer.pipeline.distributed import Workers
 from steer.pipeline.evaluation import EvalSettings, evaluate
 from steer.pipeline.problems import Problem, load_problems
-from steer.pipeline.prompts import DEFAULT_INSTRUCTION
 from steer.pipeline.rollout import RolloutSettings, run_rollouts
 from steer.pipeline.scoring import ScoreSettings, score_rollouts
 from steer.pipeline.summary import BenchmarkSummary, PairedTest
 from steer.pipeline.training import TrainSettings, train_head
+from steer.settings import DemoSettings
 
 RESULT_FILE = "demo.json"
-
-
-@dataclass
-class DemoSettings:
-    """How much work the demo does. The defaults suit the built-in world; [`DemoSettings.for_model`] gives the
-    defaults for another model (a quantile tau, the usual instruction, longer completions).
-
-    Args:
-        train_problems (`int`, defaults to 200), test_problems (`int`, defaults to 200): problem counts.
-        samples (`int`, defaults to 16): rollouts per training problem.
-        max_new_tokens (`int`, defaults to 80): per completion, rollouts and evaluation alike.
-        batch_size (`int`, defaults to 64).
-        instruction (`str`): appended to each question (the world's model was trained on bare questions).
-        floor (`float`, defaults to 0.2): entropy above which scoring stores features; below any tau tried.
-        train ([`TrainSettings`]): head training; on the world tau = 0.4 nats gates a few percent of positions.
-        seed (`int`, defaults to 0): seeds the problems drawn, the sampling and the head's initialisation.
-    """
-
-    train_problems: int = 200
-    test_problems: int = 200
-    samples: int = 16
-    max_new_tokens: int = 80
-    batch_size: int = 64
-    instruction: str = world.INSTRUCTION
-    floor: float = 0.2
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(
-        tau=0.4, pool_problems=200, rank=16, top_k=2, kl_weight=0.05, steps=150, warmup_steps=20, rollouts_per_step=32,
-        lr=1e-2,
-    ))
-    seed: int = 0
-
-    @classmethod
-    def for_model(cls, **overrides) -> DemoSettings:
-        """Defaults for a model other than the world's: 8 rollouts per problem of up to 512 tokens, tau as the
-        95% quantile of the base entropy, top-5 candidates."""
-        train = TrainSettings(tau=None, tau_quantile=0.95, pool_problems=50, top_k=5, steps=150, warmup_steps=20,
-                              rollouts_per_step=16)
-        settings = cls(samples=8, max_new_tokens=512, batch_size=64, instruction=DEFAULT_INSTRUCTION, floor=0.5,
-                       train=train)
-        for name, value in overrides.items():
-            setattr(settings, name, value)
-        return settings
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ import torch
 
 from steer import CorrectionHead, HeadConfig
 from steer.pipeline.folders.scores import Features
-from steer.pipeline.objective import MASKED, OBJECTIVES, DecisionBatch, contrastive_loss, decision_batch
+from steer.pipeline.objective import MASKED, DecisionBatch, contrastive_loss, decision_batch
 from steer.pipeline.pool import NoContrastError, select_pool
 from steer.pipeline.training import TrainSettings, _schedule, choose_scale, fit_head, gate_warnings
+from steer.settings import OBJECTIVES
 
 HIDDEN, VOCAB, K, SAMPLES = 8, 12, 4, 8
 

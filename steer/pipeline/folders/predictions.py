@@ -27,7 +27,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from steer.analysis.tracing import StepTrace
 from steer.errors import SteerError
 from steer.files import atomic_write_json
 from steer.pipeline.folders import RunFolder
@@ -69,6 +68,38 @@ TRACE_METADATA = {
     "tokens": "JSON object: token id -> its text, for every id in `tokens` and `topk_ids`",
     "tau": "JSON number or null: the gate's threshold (nats) for this arm",
 }
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """The trace of one decoded sequence: one entry per generated token.
+
+    Attributes:
+        tokens (`torch.IntTensor` of shape `(steps,)`): the generated tokens.
+        entropy (`torch.FloatTensor` of shape `(steps,)`): entropy (nats) of the scores the processor was handed.
+        gated (`torch.BoolTensor` of shape `(steps,)`): steps where the wrapped processor acted (decision points).
+        changed (`torch.BoolTensor` of shape `(steps,)`): gated steps where that changed the top-1 token.
+        topk_ids (`torch.IntTensor` of shape `(steps, k)`): the base top-k candidates, best first.
+        base_probs (`torch.HalfTensor` of shape `(steps, k)`): their probabilities under the base distribution.
+        steered_probs (`torch.HalfTensor` of shape `(steps, k)`): their probabilities after the wrapped processor
+            (equal to `base_probs` without one).
+    """
+
+    tokens: torch.Tensor
+    entropy: torch.Tensor
+    gated: torch.Tensor
+    changed: torch.Tensor
+    topk_ids: torch.Tensor
+    base_probs: torch.Tensor
+    steered_probs: torch.Tensor
+
+    @property
+    def steps(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_ids.shape[-1]
 
 
 class TraceError(SteerError, ValueError):

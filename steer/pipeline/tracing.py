@@ -8,55 +8,23 @@ row masks give the gated and changed steps. It returns what the wrapped processo
 a decode.
 
 [`Tracer`] is a [`ProcessorFactory`] for [`decode_batch`]: it builds one [`TracingProcessor`] per batch and cuts its
-recordings into one [`StepTrace`] per completion. `steer eval --trace` stores them
-(:mod:`steer.pipeline.folders.predictions`) and `steer view` renders them (:mod:`steer.analysis.view`).
+recordings into one [`StepTrace`] per completion, the format `steer eval --trace` stores
+(:mod:`steer.pipeline.folders.predictions`, which owns it) and `steer view` renders (:mod:`steer.analysis.view`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from steer.pipeline.decoding import Completion, ProcessorFactory, RecordingProcessor
+from steer.pipeline.folders.predictions import StepTrace
 from steer.reference import entropy_topk
 
 DEFAULT_TRACE_TOP_K = 5
 """Candidates recorded per step when no head says how many it re-scores."""
-
-
-@dataclass(frozen=True)
-class StepTrace:
-    """The trace of one decoded sequence: one entry per generated token.
-
-    Attributes:
-        tokens (`torch.IntTensor` of shape `(steps,)`): the generated tokens.
-        entropy (`torch.FloatTensor` of shape `(steps,)`): entropy (nats) of the scores the processor was handed.
-        gated (`torch.BoolTensor` of shape `(steps,)`): steps where the wrapped processor acted (decision points).
-        changed (`torch.BoolTensor` of shape `(steps,)`): gated steps where that changed the top-1 token.
-        topk_ids (`torch.IntTensor` of shape `(steps, k)`): the base top-k candidates, best first.
-        base_probs (`torch.HalfTensor` of shape `(steps, k)`): their probabilities under the base distribution.
-        steered_probs (`torch.HalfTensor` of shape `(steps, k)`): their probabilities after the wrapped processor
-            (equal to `base_probs` without one).
-    """
-
-    tokens: torch.Tensor
-    entropy: torch.Tensor
-    gated: torch.Tensor
-    changed: torch.Tensor
-    topk_ids: torch.Tensor
-    base_probs: torch.Tensor
-    steered_probs: torch.Tensor
-
-    @property
-    def steps(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def top_k(self) -> int:
-        return self.topk_ids.shape[-1]
 
 
 class TracingProcessor:

@@ -1,0 +1,288 @@
+"""The settings of every stage, in one module that imports nothing heavy.
+
+Each stage of the pipeline and each analysis takes one frozen dataclass saying how it runs (rollouts, scoring,
+labels, head training, evaluation, headroom, footprint, the demo). They live here, apart from the stages, so that the
+command line can build its options from them (`steer.cli.settings`) and answer `--help` without importing torch or
+transformers. The stages import them from here; so can users.
+
+Example:
+
+```python
+>>> from steer.settings import EvalSettings, DecodingSettings
+>>> EvalSettings(samples=8, decoding=DecodingSettings(temperature=0.6, max_new_tokens=512)).samples
+8
+```
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from steer.world.generator import INSTRUCTION as WORLD_INSTRUCTION
+
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+OBJECTIVES = ("unlikelihood", "recipe")
+LABEL_SOURCES = ("advantage", "branches")
+PAPER_TAU = 1.4  # the paper's entropy gate (nats)
+DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(1, 41))  # the footprint's gate thresholds (nats)
+
+
+def check_scale(value: float) -> float:
+    """`value` as a correction strength (a finite number >= 0), or a `ValueError` saying what it was."""
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"a correction strength (scale) must be a finite number >= 0; got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How to decode. `temperature=0` means greedy search.
+
+    Attributes:
+        temperature (`float`, defaults to 0.6), top_p (`float`, defaults to 0.95): sampling parameters.
+        max_new_tokens (`int`, defaults to 8192): the recipe's rollout budget.
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 8192
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature == 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, "temperature": None, "top_p": None,
+                    "top_k": None}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": None,
+                "max_new_tokens": self.max_new_tokens}
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a decoding job samples its problems; rollouts and evaluation derive their settings from it, each with its
+    own defaults.
+
+    Attributes:
+        samples (`int`, defaults to 1): decodes per problem.
+        decoding ([`DecodingSettings`]): temperature (0 is greedy), top-p and the length budget.
+        batch_size (`int`, defaults to 64): sequences decoded together (on 2 CPU cores, 64 decoded SmolLM2-135M
+            1.2x faster than 16; see `benches/rollout_speed.py`).
+        seed (`int`, defaults to 0): base seed; each batch is seeded from it and the batch's contents.
+        instruction (`str`): appended to each question (by default, asks for the answer in `\\boxed{}`).
+    """
+
+    samples: int = 1
+    decoding: DecodingSettings = field(default_factory=DecodingSettings)
+    batch_size: int = 64
+    seed: int = 0
+    instruction: str = DEFAULT_INSTRUCTION
+
+
+@dataclass(frozen=True)
+class RolloutSettings(SamplingSettings):
+    """How rollouts are sampled (defaults: the ReasonMaxxer recipe, 20 samples at temperature 0.6, top-p 0.95, up to
+    8192 new tokens). Fields as in [`SamplingSettings`]."""
+
+    samples: int = 20
+
+
+@dataclass(frozen=True)
+class EvalSettings(SamplingSettings):
+    """How benchmarks are decoded (defaults: the paper's evaluation, one sample at temperature 0.6 and top-p 0.95, up
+    to 4096 new tokens). Fields as in [`SamplingSettings`]; `samples` above 1 gives avg@n and pass@k."""
+
+    decoding: DecodingSettings = field(default_factory=lambda: DecodingSettings(max_new_tokens=4096))
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How rollouts are scored.
+
+    Attributes:
+        floor (`float`, defaults to 0.5): store features at positions with entropy above this (nats).
+        top_k (`int`, defaults to 16): candidates stored per position (at least the head's `top_k`).
+        max_batch_tokens (`int`, defaults to 4096): tokens (padding included) per forward pass.
+        shard_rollouts (`int`, defaults to 256): rollouts per shard file.
+        report_tau (`float`, defaults to 1.4): the threshold whose per-rollout share of positions is recorded.
+    """
+
+    floor: float = 0.5
+    top_k: int = 16
+    max_batch_tokens: int = 4096
+    shard_rollouts: int = 256
+    report_tau: float = 1.4
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Head training settings. Pool and loss defaults follow the ReasonMaxxer recipe (50 problems, shortest 80%,
+    advantages clipped at 2.5, KL weight 0.2, 8 rollouts per step, grad clip 1.0, warm-up then linear decay); the
+    learning rate is the head's own (it is not a LoRA).
+
+    Attributes:
+        tau (`float`, *optional*), tau_quantile (`float`, *optional*, defaults to 0.95): the decision threshold in
+            nats, or as this quantile of the base entropy over the pool's generated positions (a given tau wins).
+            A quantile adapts to the model's entropy scale: the paper's 1.4 nats suits its Qwen models, but gated
+            60% of the steps of SmolLM2-135M and made it worse.
+        top_k (`int`, defaults to 5), rank (`int`, defaults to 16): the head's candidates and rank.
+        pool_problems (`int`, defaults to 50), keep_shortest (`float`, defaults to 0.8), advantage_clip (`float`,
+            defaults to 2.5): see [`select_pool`].
+        kl_weight (`float`, defaults to 0.2): weight of the anchor.
+        lr (`float`, defaults to 3e-3), steps (`int`, defaults to 150), warmup_steps (`int`, defaults to 50),
+            rollouts_per_step (`int`, defaults to 8), grad_clip (`float`, defaults to 1.0): AdamW schedule.
+        heldout_fraction (`float`, defaults to 0.2): share of pool problems held out to choose the checkpoint.
+        scales (`tuple[float, ...]`, defaults to `(0.5, 1, 2, 4, 8)`): the correction strengths tried after training;
+            the head keeps the one with the best held-out gain (training stops early, by held-out gain, before the
+            correction grows large, so a trained head is often too timid). `(1.0,)` keeps the trained strength.
+        eval_every (`int`, defaults to 10): steps between held-out evaluations.
+        objective (`str`, defaults to `"unlikelihood"`): `"unlikelihood"` or the paper's `"recipe"` (see
+            :mod:`steer.pipeline.objective`); for advantage labels.
+        labels (`str`, defaults to `"advantage"`): the targets: `"advantage"`, the paper's rollout advantages, or
+            `"branches"`, each candidate's own success from branch continuations (run `steer label` first).
+        seed (`int`, defaults to 0).
+    """
+
+    tau: float | None = None
+    tau_quantile: float | None = 0.95
+    top_k: int = 5
+    rank: int = 16
+    pool_problems: int = 50
+    keep_shortest: float = 0.8
+    advantage_clip: float = 2.5
+    kl_weight: float = 0.2
+    lr: float = 3e-3
+    steps: int = 150
+    warmup_steps: int = 50
+    rollouts_per_step: int = 8
+    grad_clip: float = 1.0
+    heldout_fraction: float = 0.2
+    scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    eval_every: int = 10
+    objective: str = "unlikelihood"
+    labels: str = "advantage"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.labels not in LABEL_SOURCES:
+            raise ValueError(f"labels must be one of {', '.join(LABEL_SOURCES)}; got {self.labels!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if not self.scales:
+            raise ValueError("scales must hold at least one correction strength")
+        for scale in self.scales:
+            check_scale(scale)
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """Which points are labelled, and how.
+
+    Attributes:
+        tau (`float`, *optional*), tau_quantile (`float`, defaults to 0.95): the decision threshold (a given tau
+            wins); use the same as `steer train`.
+        points (`int`, defaults to 2): decision points labelled per rollout (its first ones).
+        top_k (`int`, defaults to 5): candidates continued per point (the head's top-k or more).
+        pool_problems (`int`, defaults to 50): rollouts of this many problems with both outcomes, nearest a pass
+            rate of 0.5 (the training pool's problems).
+        max_new_tokens (`int`, defaults to 256): the completion's token budget, prefix included.
+        batch_size (`int`, defaults to 64), seed (`int`, defaults to 0).
+    """
+
+    tau: float | None = None
+    tau_quantile: float = 0.95
+    points: int = 2
+    top_k: int = 5
+    pool_problems: int = 50
+    max_new_tokens: int = 256
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class HeadroomSettings:
+    """How the headroom is probed.
+
+    Attributes:
+        max_new_tokens (`int`, defaults to 256): the token budget of a completion, branches included.
+        tau (`float`, *optional*), tau_quantile (`float`, defaults to 0.9): the decision threshold in nats, or as
+            this quantile of the base entropy over all positions of the base completions (a given tau wins).
+        points (`int`, defaults to 3): decision points branched per failed completion (its first ones).
+        top_k (`int`, defaults to 5): candidates per point: the base choice and `top_k - 1` alternatives.
+        temperature (`float`, defaults to 0.6), top_p (`float`, defaults to 0.95): sampling of the `resample` arm.
+        batch_size (`int`, defaults to 64), seed (`int`, defaults to 0), instruction (`str`): as for rollouts.
+    """
+
+    max_new_tokens: int = 256
+    tau: float | None = None
+    tau_quantile: float = 0.9
+    points: int = 3
+    top_k: int = 5
+    temperature: float = 0.6
+    top_p: float = 0.95
+    batch_size: int = 64
+    seed: int = 0
+    instruction: str = DEFAULT_INSTRUCTION
+
+    def __post_init__(self) -> None:
+        if self.top_k < 2 or self.points < 1:
+            raise ValueError(f"headroom needs top_k >= 2 and points >= 1; got top_k={self.top_k}, points={self.points}")
+
+
+@dataclass(frozen=True)
+class FootprintSettings:
+    """How the comparison is made.
+
+    Attributes:
+        rollouts ([`RolloutSettings`]): how the RL model's completions are sampled (defaults: 4 per problem at
+            temperature 0.6, top-p 0.95, 1024 new tokens).
+        max_batch_tokens (`int`, defaults to 4096): tokens (padding included) per teacher-forced pass.
+        taus (`tuple[float, ...]`): thresholds at which the entropy gate's precision and recall are reported.
+    """
+
+    rollouts: RolloutSettings = field(
+        default_factory=lambda: RolloutSettings(samples=4, decoding=DecodingSettings(max_new_tokens=1024))
+    )
+    max_batch_tokens: int = 4096
+    taus: tuple[float, ...] = DEFAULT_TAUS
+
+
+@dataclass
+class DemoSettings:
+    """How much work the demo does. The defaults suit the built-in world; [`DemoSettings.for_model`] gives the
+    defaults for another model (a quantile tau, the usual instruction, longer completions).
+
+    Args:
+        train_problems (`int`, defaults to 200), test_problems (`int`, defaults to 200): problem counts.
+        samples (`int`, defaults to 16): rollouts per training problem.
+        max_new_tokens (`int`, defaults to 80): per completion, rollouts and evaluation alike.
+        batch_size (`int`, defaults to 64).
+        instruction (`str`): appended to each question (the world's model was trained on bare questions).
+        floor (`float`, defaults to 0.2): entropy above which scoring stores features; below any tau tried.
+        train ([`TrainSettings`]): head training; on the world tau = 0.4 nats gates a few percent of positions.
+        seed (`int`, defaults to 0): seeds the problems drawn, the sampling and the head's initialisation.
+    """
+
+    train_problems: int = 200
+    test_problems: int = 200
+    samples: int = 16
+    max_new_tokens: int = 80
+    batch_size: int = 64
+    instruction: str = WORLD_INSTRUCTION
+    floor: float = 0.2
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(
+        tau=0.4, pool_problems=200, rank=16, top_k=2, kl_weight=0.05, steps=150, warmup_steps=20, rollouts_per_step=32,
+        lr=1e-2,
+    ))
+    seed: int = 0
+
+    @classmethod
+    def for_model(cls, **overrides) -> DemoSettings:
+        """Defaults for a model other than the world's: 8 rollouts per problem of up to 512 tokens, tau as the
+        95% quantile of the base entropy, top-5 candidates."""
+        train = TrainSettings(tau=None, tau_quantile=0.95, pool_problems=50, top_k=5, steps=150, warmup_steps=20,
+                              rollouts_per_step=16)
+        settings = cls(samples=8, max_new_tokens=512, batch_size=64, instruction=DEFAULT_INSTRUCTION, floor=0.5,
+                       train=train)
+        for name, value in overrides.items():
+            setattr(settings, name, value)
+        return settings
+
