@@ -83,15 +83,20 @@ def headroom_lines(report: HeadroomReport, out: str) -> list[str]:
     lines = [
         f"{report.problems} problems: base accuracy {report.base_accuracy:.3f}, {report.failures} failures, "
         f"{report.branched} with a decision point above tau = {report.tau:.3f} nats",
-        f"tries per failure: {report.tries_per_failure:.1f} in each arm",
+        f"decision points per failure: {report.decision_points:.1f}, {report.points_tried:.1f} branched (highest "
+        f"entropy first; {report.untried_failures} failures had more); tries per failure: "
+        f"{report.tries_per_failure:.1f} in each arm",
     ]
     for arm, row in report.arms.items():
-        lines.append(f"  {arm:>8}: fixes {row.fixed}/{report.failures} failures ({row.fixed_share:.1%}); "
-                     f"{row.try_success:.1%} of tries succeed")
+        low, high = row.fixed_interval
+        lines.append(f"  {arm:>8}: fixes {row.fixed}/{report.failures} failures ({row.fixed_share:.1%}, 95% "
+                     f"[{low:.1%}, {high:.1%}]); {row.try_success:.1%} of tries succeed")
     lines += [
-        f"ceiling (any decision-point switch) {report.ceiling_accuracy:.3f}; oracle at the first decision point "
-        f"{report.oracle_accuracy:.3f}",
+        f"ceiling (decision-point switches, up to {len(report.fixed_by_round)} in a row) "
+        f"{report.ceiling_accuracy:.3f}; one switch {report.one_switch_accuracy:.3f}; oracle at the highest-entropy "
+        f"decision point {report.oracle_accuracy:.3f}",
         f"fixing tokens by base rank: {report.rank_counts or '-'}",
+        f"verdict: {report.verdict}: {report.reason}",
         f"-> {Path(out) / REPORT_FILE}",
     ]
     return lines
@@ -108,21 +113,28 @@ def analyze() -> None:
 @data_options()
 @out_option("Folder for the analysis.")
 @settings_options(HeadroomSettings)
+@click.option("--head", help="A trained head (folder or Hub id) whose tau and top-k to use instead of --tau, "
+              "--tau-quantile and --top-k.")
 @dtype_option
 @cpu_option
 @json_option
-def headroom_command(model, data, out, question_field, answer_field, limit, cpu, dtype, as_json, **options):
+def headroom_command(model, data, out, question_field, answer_field, limit, head, cpu, dtype, as_json, **options):
     """Branch the base model's failed completions at their decision points and grade every branch, against as many
     tries at random calm steps and as many resamples: the ceiling of decision-point steering on this task.
 
-    Use problems held back from evaluation. Writes OUT/headroom.json (and headroom.png with matplotlib); resumes in
-    OUT; shares the branches among processes under `accelerate launch` or `torchrun`.
+    Ends in a verdict, go, no-go or unclear, with its reason. Use problems held back from evaluation. Writes
+    OUT/headroom.json (and headroom.png with matplotlib); resumes in OUT; shares the branches among processes under
+    `accelerate launch` or `torchrun`.
     """
     from steer.analysis.headroom import headroom
+    from steer.head import CorrectionHead
     from steer.models import load_model
     from steer.pipeline.distributed import current_workers
     from steer.pipeline.problems import load_problems
 
+    if head is not None:
+        config = CorrectionHead.from_pretrained(head).config
+        options.update(tau=config.tau, top_k=config.top_k)
     workers = current_workers(cpu)
     problems = load_problems(data, question_field=question_field, answer_field=answer_field, limit=limit)
     lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))

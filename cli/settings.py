@@ -100,7 +100,10 @@ FLAGS: dict[str, Flag] = {
     "labels": Flag("The head's targets: rollout advantages (the paper's) or branch continuations (`steer label`).",
                    click.Choice(LABEL_SOURCES)),
     # analysis
-    "points": Flag("Decision points branched per failed completion (its first ones).", POSITIVE),
+    "points": Flag("Decision points branched per completion (its highest-entropy ones).", POSITIVE),
+    "rounds": Flag("Switches in a row: a failed branch is branched again after its last switch.", POSITIVE),
+    "beam": Flag("Failed branches per failure carried into the next round.", POSITIVE),
+    "min_gain": Flag("Least accuracy gain of the ceiling over base for a go.", click.FloatRange(0, 1)),
     "taus": Flag("Thresholds (nats) at which the entropy gate's precision and recall are reported.", FloatList()),
 }
 

@@ -25,6 +25,10 @@ DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer wit
 OBJECTIVES = ("unlikelihood", "recipe")
 LABEL_SOURCES = ("advantage", "branches")
 PAPER_TAU = 1.4  # the paper's entropy gate (nats)
+# The least entropy (nats) of a decision point when tau is a quantile: that of a 90/10 choice between two tokens. A
+# model sure of itself almost everywhere (the built-in world's) has a 95% entropy quantile of a thousandth of a nat;
+# without the floor its "decision points" would be steps with no real alternative.
+TAU_FLOOR = 0.325
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(1, 41))  # the footprint's gate thresholds (nats)
 
 
@@ -203,28 +207,39 @@ class HeadroomSettings:
 
     Attributes:
         max_new_tokens (`int`, defaults to 256): the token budget of a completion, branches included.
-        tau (`float`, *optional*), tau_quantile (`float`, defaults to 0.9): the decision threshold in nats, or as
-            this quantile of the base entropy over all positions of the base completions (a given tau wins).
-        points (`int`, defaults to 3): decision points branched per failed completion (its first ones).
+        tau (`float`, *optional*), tau_quantile (`float`, defaults to 0.95): the decision threshold in nats (a
+            trained head's, with `steer analyze headroom --head`), or as `steer train` resolves it: this quantile of
+            the base entropy over all positions of the base completions, and at least [`TAU_FLOOR`] (a given tau
+            wins).
+        points (`int`, defaults to 3): decision points branched per completion, its highest-entropy ones.
         top_k (`int`, defaults to 5): candidates per point: the base choice and `top_k - 1` alternatives.
+        rounds (`int`, defaults to 2): switches in a row: a branch that still fails is branched again at its own
+            decision points after its last switch, as a head acts at every decision point it meets.
+        beam (`int`, defaults to 2): failed branches of a failure carried into the next round (the likeliest
+            switches first).
         temperature (`float`, defaults to 0.6), top_p (`float`, defaults to 0.95): sampling of the `resample` arm.
         batch_size (`int`, defaults to 64), seed (`int`, defaults to 0), instruction (`str`): as for rollouts.
+        min_gain (`float`, defaults to 0.05): the least accuracy gain of the ceiling over base for a "go".
     """
 
     max_new_tokens: int = 256
     tau: float | None = None
-    tau_quantile: float = 0.9
+    tau_quantile: float = 0.95
     points: int = 3
     top_k: int = 5
+    rounds: int = 2
+    beam: int = 2
     temperature: float = 0.6
     top_p: float = 0.95
     batch_size: int = 64
     seed: int = 0
     instruction: str = DEFAULT_INSTRUCTION
+    min_gain: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.top_k < 2 or self.points < 1:
-            raise ValueError(f"headroom needs top_k >= 2 and points >= 1; got top_k={self.top_k}, points={self.points}")
+        if self.top_k < 2 or min(self.points, self.rounds, self.beam) < 1:
+            raise ValueError(f"headroom needs top_k >= 2 and points, rounds and beam >= 1; got top_k={self.top_k}, "
+                             f"points={self.points}, rounds={self.rounds}, beam={self.beam}")
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,31 @@
 """Headroom: how much could any decision-point steering gain on this model and task, before a head is trained?
 
-For every problem the base model gets wrong (greedy), branch its completion at its first few decision points (base
-entropy above tau): replace the base choice by each other top-k candidate in turn, continue greedily, and grade.
-The share of failures that one such switch fixes is the ceiling of steering at decision points; an oracle head that
-picks the best candidate at the first decision point only gets the `oracle_accuracy`.
+For every problem the base model gets wrong (greedy), branch its completion at its decision points (base entropy
+above tau, the tau a head trained on the same model would get, or a trained head's own), the highest-entropy ones
+first, up to `points` of them: replace the base choice by each other top-k candidate in turn, continue greedily, and
+grade. A branch that still fails is branched again at its own decision points after its switch, for `rounds` rounds
+in all (the `beam` likeliest failed branches of a failure go on), because a head acts at every decision point it
+meets and a failure may need more than one choice set right. The share of failures that such switches fix is the
+ceiling of steering at decision points (`ceiling_accuracy`); one switch alone gives `one_switch_accuracy`, and an
+oracle head that picks the best candidate at the failure's highest-entropy decision point `oracle_accuracy`.
 
-Two controls get exactly as many tries per failure, so the report separates what decision points are worth from the
-luck of more tries:
+Two controls get exactly as many tries per failure:
 
-- `random`: the same switches (the same candidate ranks) at random steps below tau;
-- `resample`: whole completions sampled from the prompt (temperature and top-p of the settings), no switch.
+- `random`: the same switches (the same candidate ranks, the same rounds) at random calm steps, below tau. If
+  switches at decision points fix no more failures than these, the choices that decide a completion are not at its
+  decision points, and a head that acts there has nothing to learn: this is the control the verdict rests on.
+- `resample`: whole completions sampled from the prompt (temperature and top-p of the settings), no switch: what
+  more samples reach. It says how much of the failures is luck; it is not a rival to a head (picking the right
+  sample needs a verifier, which decoding does not have), and a failure that resampling fixes is often one whose
+  outcome a single choice decides, which is what a head learns to make.
 
-If `decision` fixes clearly more failures than both controls, the decision points carry the choices that matter
-and a head has something to learn; if `resample` fixes as many, more tries explain the ceiling. (Related: the
-"critical tokens" of Lin et al., ICML 2025.)
+The report ends in a verdict, `go`, `no-go` or `unclear`, and its reason in one line: `go` when the ceiling gains at
+least `min_gain` over base and decision-point switches fix significantly more failures than random ones (exact
+McNemar test over the failures, p < 0.05). (Related: the "critical tokens" of Lin et al., ICML 2025.)
 
 Outputs, under the run's folder: `base/` (a rollouts folder: the greedy completions, graded), `branches.jsonl` with
-`headroom.settings.json` (one record per branch; resumable), `headroom.json` (the [`HeadroomReport`]) and, with
-matplotlib installed, `headroom.png`.
+`headroom.settings.json` (one record per branch, keyed by its path of switches; resumable round by round),
+`headroom.json` (the [`HeadroomReport`]) and, with matplotlib installed, `headroom.png`.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from steer.pipeline.distributed import Workers
 from steer.pipeline.folders import RunFolder
 from steer.pipeline.folders.rollouts import RolloutFolder, rollout_length
 from steer.pipeline.jobs import Job, run_job
+from steer.pipeline.metrics import mcnemar, wilson_interval
+from steer.pipeline.pool import quantile_tau
 from steer.pipeline.problems import Problem
 from steer.pipeline.rollout import RolloutSettings, run_rollouts
 from steer.pipeline.scoring import teacher_force, token_batches
@@ -49,25 +59,30 @@ from steer.settings import HeadroomSettings
 REPORT_FILE = "headroom.json"
 PLOT_FILE = "headroom.png"
 ARMS = ("decision", "random", "resample")
+SWITCH_ARMS = ("decision", "random")
+VERDICTS = ("go", "no-go", "unclear")
+SIGNIFICANCE = 0.05
 
 
 class BranchFolder(RunFolder):
-    """The headroom run's folder: `branches.jsonl` (one record per [`Branch`] tried) and its settings."""
+    """The headroom run's folder: `branches.jsonl` (one record per [`Branch`] tried; `path` lists its switches as
+    `position:rank` from the base completion on, `/`-separated, or names a resample) and its settings."""
 
     records_file = "branches.jsonl"
     settings_file = "headroom.settings.json"
-    key = ("problem_id", "arm", "point", "rank")
+    key = ("problem_id", "arm", "path")
     writer = "steer analyze headroom"
 
 
 @dataclass(frozen=True)
 class ArmHeadroom:
-    """One arm: its `tries` over all failures, the failures that at least one try fixed, and the share of tries
-    that succeeded."""
+    """One arm: its `tries` over all failures, the failures that at least one try fixed (`fixed`, their share and its
+    95% Wilson interval), and the share of tries that succeeded."""
 
     tries: int
     fixed: int
     fixed_share: float
+    fixed_interval: tuple[float, float]
     try_success: float
 
 
@@ -90,12 +105,20 @@ class HeadroomReport:
     Attributes:
         model (`str`), problems (`int`), base_accuracy (`float`), failures (`int`), tau (`float`).
         branched (`int`): failures with at least one decision point (the others have nothing to switch).
+        decision_points (`float`), points_tried (`float`): mean decision points per branched failure, and mean
+            branched; untried_failures (`int`): branched failures with more decision points than were branched.
         tries_per_failure (`float`): mean tries per branched failure, the same in every arm.
         arms (`dict[str, ArmHeadroom]`): `decision`, `random`, `resample`.
-        ceiling_accuracy (`float`): accuracy if every failure a decision-point switch fixes were fixed.
-        oracle_accuracy (`float`): accuracy of an oracle choosing the best candidate at the first decision point.
+        decision_vs_random (`dict[str, float]`): exact McNemar test over the failures: `gained` (fixed by a
+            decision-point switch, not by a random one), `lost` (the reverse), `p_value`.
+        ceiling_accuracy (`float`): accuracy if every failure that decision-point switches fix (up to `rounds` in a
+            row) were fixed; fixed_by_round (`list[int]`): failures fixed by then, after each round.
+        one_switch_accuracy (`float`): the same with one switch.
+        oracle_accuracy (`float`): accuracy of an oracle choosing the best candidate at each failure's
+            highest-entropy decision point.
         critical (`list[CriticalStep]`): the fixing switches; rank_counts (`dict[str, int]`): their ranks.
         median_entropy_percentile (`float | None`): of the fixing switches' steps.
+        verdict (`str`): `go`, `no-go` or `unclear` (see the module docstring); reason (`str`): why, in one line.
     """
 
     model: str
@@ -104,13 +127,34 @@ class HeadroomReport:
     failures: int
     tau: float
     branched: int
+    decision_points: float
+    points_tried: float
+    untried_failures: int
     tries_per_failure: float
     arms: dict[str, ArmHeadroom]
+    decision_vs_random: dict[str, float]
     ceiling_accuracy: float
+    fixed_by_round: list[int]
+    one_switch_accuracy: float
     oracle_accuracy: float
     critical: list[CriticalStep]
     rank_counts: dict[str, int]
     median_entropy_percentile: float | None
+    verdict: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A completion the search may switch: a failure's base completion, or a branch that still failed. Switches go
+    only to positions after `after` (the position of its last switch; -1 for a base completion)."""
+
+    problem_id: str
+    arm: str
+    path: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    after: int = -1
 
 
 @dataclass(frozen=True)
@@ -133,26 +177,71 @@ def score_completions(model: PreTrainedModel, rollouts: Sequence[dict], top_k: i
     return scored
 
 
-def plan_branches(problem: Problem, record: dict, scored: _Scored, tau: float, settings: HeadroomSettings,
-                  rng: random.Random) -> list[Branch]:
-    """The tries on one failed completion: `decision` switches at its first `points` gated steps, as many `random`
-    switches (the same ranks) at steps below tau, and as many `resample` tries."""
-    completion = record["completion_ids"]
-    gated = (scored.entropy > tau).nonzero().squeeze(-1).tolist()[: settings.points]
-    calm = [t for t in range(len(completion)) if scored.entropy[t] <= tau]
-    chosen = {"decision": gated, "random": sorted(rng.sample(calm, min(len(gated), len(calm))))}
+def decision_points(scored: _Scored, tau: float, points: int, after: int = -1) -> tuple[int, list[int]]:
+    """How many steps of a completion after `after` are decision points (entropy above `tau`), and the `points` of
+    them with the highest entropy, highest first."""
+    gated = [t for t in (scored.entropy > tau).nonzero().squeeze(-1).tolist() if t > after]
+    return len(gated), sorted(gated, key=lambda t: -float(scored.entropy[t]))[:points]
+
+
+def _switch(trial: Trial, scored: _Scored, position: int, rank: int, gold: str, info: dict) -> Branch:
+    """The branch of `trial` whose token at `position` is the base candidate of `rank` instead."""
+    key = {"problem_id": trial.problem_id, "arm": trial.arm,
+           "path": f"{trial.path}/{position}:{rank}".lstrip("/")}
+    prefix = trial.completion_ids[:position] + [int(scored.topk[position, rank - 1])]
+    return Branch(key, trial.prompt_ids, prefix, gold,
+                  {**info, "position": position, "rank": rank, "entropy": float(scored.entropy[position])})
+
+
+def plan_round(trials: Sequence[Trial], scores: Sequence[_Scored], golds: dict[str, str], tau: float,
+               settings: HeadroomSettings, depth: int) -> list[Branch]:
+    """One round of switches: for each `decision` trial, every alternative candidate (ranks 2 to top-k) at its
+    `points` highest-entropy decision points after its last switch; for the failure's `random` trials, as many
+    switches with the same ranks at random calm steps (entropy at most tau) after theirs."""
+    ranks = range(2, settings.top_k + 1)
+    by_problem: dict[str, dict[str, list[tuple[Trial, _Scored]]]] = defaultdict(lambda: defaultdict(list))
+    for trial, scored in zip(trials, scores):
+        by_problem[trial.problem_id][trial.arm].append((trial, scored))
     branches = []
-    for arm, positions in chosen.items():
-        for point, t in enumerate(positions):
-            for rank in range(2, min(settings.top_k, scored.topk.shape[1]) + 1):
-                key = {"problem_id": problem.id, "arm": arm, "point": point, "rank": rank}
-                info = {"position": t, "entropy": float(scored.entropy[t])}
-                branches.append(Branch(key, record["prompt_ids"], completion[:t] + [int(scored.topk[t, rank - 1])],
-                                       problem.gold, info))
-    tries = sum(b.key["arm"] == "decision" for b in branches)
-    branches += [Branch({"problem_id": problem.id, "arm": "resample", "point": n, "rank": 0}, record["prompt_ids"], [],
-                        problem.gold, {"position": -1, "entropy": None}) for n in range(tries)]
+    for problem, arms in by_problem.items():
+        points = [(trial, scored, t, j) for trial, scored in arms["decision"]
+                  for j, t in enumerate(decision_points(scored, tau, settings.points, trial.after)[1])]
+        branches += [_switch(trial, scored, t, rank, golds[problem], {"depth": depth, "point": j})
+                     for trial, scored, t, j in points for rank in ranks if rank <= scored.topk.shape[1]]
+        rng = random.Random(f"{settings.seed}/{problem}/{depth}")
+        calm = [(trial, scored, [t for t in range(trial.after + 1, len(trial.completion_ids))
+                                 if scored.entropy[t] <= tau]) for trial, scored in arms["random"]]
+        for _, _, steps in calm:
+            rng.shuffle(steps)
+        for n in range(len(points) if calm else 0):
+            trial, scored, steps = calm[n % len(calm)]
+            if steps:
+                t = steps.pop()
+                branches += [_switch(trial, scored, t, rank, golds[problem], {"depth": depth, "point": n})
+                             for rank in ranks if rank <= scored.topk.shape[1]]
     return branches
+
+
+def next_trials(records: Sequence[dict], depth: int, beam: int, prompts: dict[str, list[int]]) -> list[Trial]:
+    """The failed branches of round `depth` that go on: per failure and arm not fixed yet, the `beam` likeliest
+    switches (lowest rank, then highest entropy); `prompts` gives each failure's prompt ids."""
+    fixed = {(r["problem_id"], r["arm"]) for r in records if r["correct"]}
+    failed: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        if r["arm"] in SWITCH_ARMS and r.get("depth") == depth and (r["problem_id"], r["arm"]) not in fixed:
+            failed[(r["problem_id"], r["arm"])].append(r)
+    return [Trial(r["problem_id"], r["arm"], r["path"], prompts[r["problem_id"]], r["completion_ids"], r["position"])
+            for group in failed.values() for r in sorted(group, key=lambda r: (r["rank"], -r["entropy"]))[:beam]]
+
+
+def resamples(records: Sequence[dict], failures: Sequence[dict]) -> list[Branch]:
+    """Per failure, as many whole completions sampled from the prompt as the decision arm tried."""
+    tries: dict[str, int] = defaultdict(int)
+    for r in records:
+        tries[r["problem_id"]] += r["arm"] == "decision"
+    return [Branch({"problem_id": f["problem_id"], "arm": "resample", "path": f"resample-{n}"}, f["prompt_ids"], [],
+                   f["gold"], {"depth": 0, "point": n, "position": -1, "rank": 0, "entropy": None})
+            for f in failures for n in range(tries[f["problem_id"]])]
 
 
 def headroom(
@@ -181,7 +270,7 @@ def headroom(
 
     ```python
     >>> report = headroom(model, tokenizer, load_problems("heldback.jsonl"), "runs/headroom")  # doctest: +SKIP
-    >>> report.arms["decision"].fixed_share, report.arms["resample"].fixed_share  # doctest: +SKIP
+    >>> report.verdict, report.ceiling_accuracy, report.arms["random"].fixed_share  # doctest: +SKIP
     ```
     """
     out = Path(out_dir)
@@ -190,27 +279,42 @@ def headroom(
                              decoding=DecodingSettings(temperature=0.0, max_new_tokens=settings.max_new_tokens))
     run_rollouts(model, tokenizer, problems, out / "base", greedy, workers=workers, progress=progress)
     by_id = {p.id: p for p in problems}
-    records = [r for r in RolloutFolder(out / "base").records(("reward", "prompt_ids", "completion_ids"))
+    records = [r for r in RolloutFolder(out / "base").records(("reward", "gold", "prompt_ids", "completion_ids"))
                if r["problem_id"] in by_id]
     records.sort(key=lambda r: r["problem_id"])
-    scored = score_completions(model, records, settings.top_k)
-    entropies = torch.cat([s.entropy for s in scored]).numpy()
-    tau = settings.tau if settings.tau is not None else float(np.quantile(entropies, settings.tau_quantile))
-    rng = random.Random(settings.seed)
-    branches = [b for r, s in zip(records, scored) if r["reward"] <= 0
-                for b in plan_branches(by_id[r["problem_id"]], r, s, tau, settings, rng)]
+    base_scores = score_completions(model, records, settings.top_k)
+    entropies = torch.cat([s.entropy for s in base_scores]).numpy()
+    tau = settings.tau if settings.tau is not None else quantile_tau(entropies, settings.tau_quantile)
+    failures = [r for r in records if r["reward"] <= 0]
+    golds = {r["problem_id"]: r["gold"] for r in failures}
+    folder = BranchFolder(out)
     decoding = BranchDecoding(settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed)
-    job = Job(
-        label="branches", unit="branch", folder=BranchFolder(out),
-        settings={"model": model.name_or_path, **asdict(settings), "tau": tau},
-        units=branches, unit_keys=lambda b: [b.unit_key()],
-        batches=lambda pending: branch_batches(pending, settings.batch_size),
-        work=lambda batch: continue_branches(model, tokenizer, batch, decoding),
-    )
-    result = run_job(job, workers, progress)
+    job_settings = {"model": model.name_or_path, **asdict(settings), "tau": tau}
+
+    def run(units: list[Branch], label: str) -> list[dict]:
+        run_job(Job(label=label, unit="branch", folder=folder, settings=job_settings, units=units,
+                    unit_keys=lambda b: [b.unit_key()],
+                    batches=lambda pending: branch_batches(pending, settings.batch_size),
+                    work=lambda batch: continue_branches(model, tokenizer, batch, decoding)), workers, progress)
+        return folder.read_records()  # every process plans the next round from the merged store
+
+    scored = dict(zip((r["problem_id"] for r in records), base_scores))
+    trials = [Trial(r["problem_id"], arm, "", r["prompt_ids"], r["completion_ids"]) for r in failures
+              for arm in SWITCH_ARMS]
+    scores = [scored[t.problem_id] for t in trials]
+    branched: list[dict] = []
+    for depth in range(1, settings.rounds + 1):
+        if not trials:
+            break
+        branched = run(plan_round(trials, scores, golds, tau, settings, depth), f"branches, round {depth}")
+        trials = next_trials(branched, depth, settings.beam, {r["problem_id"]: r["prompt_ids"] for r in failures})
+        scores = score_completions(model, [asdict(t) for t in trials], settings.top_k) if trials else []
+    branched = run(resamples(branched, failures), "resamples")
     if not workers.is_main:
         return None
-    report = headroom_report(model.name_or_path, records, result.records, tau, np.sort(entropies))
+    points = {pid: decision_points(scored[pid], tau, settings.points) for pid in golds}
+    report = headroom_report(model.name_or_path, records, branched, tau, np.sort(entropies),
+                             {pid: (found, len(tried)) for pid, (found, tried) in points.items()}, settings)
     atomic_write_json(out / REPORT_FILE, asdict(report))
     try:
         plot_headroom(report, out / PLOT_FILE)
@@ -220,34 +324,73 @@ def headroom(
 
 
 def headroom_report(model: str, base: Sequence[dict], branches: Sequence[dict], tau: float,
-                    sorted_entropy: np.ndarray) -> HeadroomReport:
-    """The report from the graded base completions and branch records (see [`HeadroomReport`])."""
+                    sorted_entropy: np.ndarray, points: dict[str, tuple[int, int]],
+                    settings: HeadroomSettings) -> HeadroomReport:
+    """The report from the graded base completions and branch records (see [`HeadroomReport`]); `points` gives, per
+    failed problem, its decision points and how many of them were branched."""
     failures = [r["problem_id"] for r in base if r["reward"] <= 0]
     by_arm: dict[str, dict[str, list[dict]]] = {arm: defaultdict(list) for arm in ARMS}
     for record in branches:
         by_arm[record["arm"]][record["problem_id"]].append(record)
     arms = {arm: _arm(by_arm[arm], failures) for arm in ARMS}
+    fixed = {arm: [any(r["correct"] for r in by_arm[arm].get(p, [])) for p in failures] for arm in ARMS}
+    decision_vs_random = mcnemar(fixed["random"], fixed["decision"])
     decision = by_arm["decision"]
+    branched = [points[p] for p in failures if points.get(p, (0, 0))[0] > 0]
     critical = [
         CriticalStep(r["problem_id"], r["position"], r["entropy"],
                      float(np.searchsorted(sorted_entropy, r["entropy"]) / max(1, len(sorted_entropy))), r["rank"])
         for tries in decision.values() for r in tries if r["correct"]
     ]
-    first_point_fixed = sum(any(r["correct"] and r["point"] == 0 for r in tries) for tries in decision.values())
+    def fixed_by(rule) -> int:
+        return sum(any(r["correct"] and rule(r) for r in tries) for tries in decision.values())
+
+    first_point_fixed = fixed_by(lambda r: r["depth"] == 1 and r["point"] == 0)
+    by_round = [fixed_by(lambda r, d=depth: r["depth"] <= d) for depth in range(1, settings.rounds + 1)]
     correct = len(base) - len(failures)
     ranks: dict[str, int] = defaultdict(int)
     for step in critical:
         ranks[str(step.rank)] += 1
+    base_accuracy = correct / len(base)
+    ceiling = (correct + arms["decision"].fixed) / len(base)
+    oracle = (correct + first_point_fixed) / len(base)
+    verdict, reason = headroom_verdict(len(failures), len(branched), tau, arms, decision_vs_random, base_accuracy,
+                                       ceiling, oracle, settings.min_gain)
     return HeadroomReport(
-        model=model, problems=len(base), base_accuracy=correct / len(base), failures=len(failures), tau=tau,
-        branched=len(decision),
-        tries_per_failure=arms["decision"].tries / len(decision) if decision else 0.0,
-        arms=arms,
-        ceiling_accuracy=(correct + arms["decision"].fixed) / len(base),
-        oracle_accuracy=(correct + first_point_fixed) / len(base),
+        model=model, problems=len(base), base_accuracy=base_accuracy, failures=len(failures), tau=tau,
+        branched=len(branched),
+        decision_points=float(np.mean([found for found, _ in branched])) if branched else 0.0,
+        points_tried=float(np.mean([tried for _, tried in branched])) if branched else 0.0,
+        untried_failures=sum(found > tried for found, tried in branched),
+        tries_per_failure=arms["decision"].tries / len(branched) if branched else 0.0,
+        arms=arms, decision_vs_random=decision_vs_random, ceiling_accuracy=ceiling, fixed_by_round=by_round,
+        one_switch_accuracy=(correct + by_round[0]) / len(base), oracle_accuracy=oracle,
         critical=critical, rank_counts=dict(sorted(ranks.items())),
         median_entropy_percentile=float(np.median([c.entropy_percentile for c in critical])) if critical else None,
+        verdict=verdict, reason=reason,
     )
+
+
+def headroom_verdict(failures: int, branched: int, tau: float, arms: dict[str, ArmHeadroom],
+                     decision_vs_random: dict[str, float], base: float, ceiling: float, oracle: float,
+                     min_gain: float) -> tuple[str, str]:
+    """`go`, `no-go` or `unclear`, and why (see the module docstring)."""
+    if failures == 0:
+        return "no-go", "the base model solves every problem: there is nothing to gain"
+    if branched == 0:
+        return "no-go", f"no failed completion has a decision point above tau = {tau:.3f} nats: nothing to switch"
+    d, r, s = (arms[arm].fixed for arm in ARMS)
+    p = decision_vs_random["p_value"]
+    controls = (f"switches fix {d}/{failures} failures at decision points against {r}/{failures} at random calm "
+                f"steps (p = {p:.2g}); resampling fixes {s}/{failures} at the same budget")
+    if ceiling - base < min_gain:
+        return "no-go", f"the ceiling {ceiling:.3f} is within {min_gain:g} of base {base:.3f}: {controls}"
+    if d <= r:
+        return "no-go", f"decision points are worth no more than random steps: {controls}"
+    if p >= SIGNIFICANCE:
+        return "unclear", f"{controls}: not significant, branch more held-back problems"
+    return "go", (f"a head could reach {ceiling:.3f} (oracle at the highest-entropy point {oracle:.3f}) from "
+                  f"{base:.3f}: {controls}")
 
 
 def _arm(tries: dict[str, list[dict]], failures: list[str]) -> ArmHeadroom:
@@ -255,6 +398,7 @@ def _arm(tries: dict[str, list[dict]], failures: list[str]) -> ArmHeadroom:
     fixed = sum(any(r["correct"] for r in tries.get(problem, [])) for problem in failures)
     return ArmHeadroom(
         tries=len(records), fixed=fixed, fixed_share=fixed / len(failures) if failures else 0.0,
+        fixed_interval=wilson_interval(fixed, len(failures)),
         try_success=sum(r["correct"] for r in records) / len(records) if records else 0.0,
     )
 
@@ -267,9 +411,13 @@ def plot_headroom(report: HeadroomReport, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.bar(list(report.arms), [a.fixed_share for a in report.arms.values()], color=["C0", "C7", "C7"])
-    left.set(ylabel="share of failures fixed", ylim=(0, 1),
-             title=f"{report.tries_per_failure:.1f} tries per failure (base {report.base_accuracy:.0%})")
+    shares = [a.fixed_share for a in report.arms.values()]
+    errors = [[share - a.fixed_interval[0] for share, a in zip(shares, report.arms.values())],
+              [a.fixed_interval[1] - share for share, a in zip(shares, report.arms.values())]]
+    left.bar(list(report.arms), shares, yerr=errors, capsize=4, color=["C0", "C7", "C7"])
+    left.set(ylabel="share of failures fixed (95% interval)", ylim=(0, 1),
+             title=f"{report.verdict}: {report.tries_per_failure:.1f} tries per failure (base "
+                   f"{report.base_accuracy:.0%})")
     right.bar(list(report.rank_counts), list(report.rank_counts.values()))
     right.set(xlabel="base rank of the fixing token", ylabel="fixing switches", title="Critical decision points")
     fig.tight_layout()

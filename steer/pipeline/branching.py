@@ -65,7 +65,7 @@ def branch_batches(branches: Sequence[Branch], batch_size: int) -> list[list[Bra
 def continue_branches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: Sequence[Branch],
                       decoding: BranchDecoding) -> Work:
     """Decode one batch (of one kind) and grade each full completion; a record per branch: its key fields, its
-    info, the completion text and whether it is `correct`."""
+    info, the completion text and token ids (prefix included, cut to the budget) and whether it is `correct`."""
     budget = decoding.budget - min(len(b.prefix) for b in batch)
     settings = DecodingSettings(temperature=decoding.temperature if batch[0].sampled else 0.0, top_p=decoding.top_p,
                                 max_new_tokens=max(1, budget))
@@ -73,7 +73,9 @@ def continue_branches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     completions = decode_batch(model, tokenizer, [b.prompt_ids + b.prefix for b in batch], settings, seed)
     records, tokens = [], 0
     for branch, completion in zip(batch, completions):
-        text = tokenizer.decode((branch.prefix + completion.token_ids)[: decoding.budget], skip_special_tokens=True)
+        ids = (branch.prefix + completion.token_ids)[: decoding.budget]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
         tokens += len(completion.token_ids)
-        records.append({**branch.key, **branch.info, "completion": text, "correct": grade(text, branch.gold)})
+        records.append({**branch.key, **branch.info, "completion": text, "completion_ids": ids,
+                        "correct": grade(text, branch.gold)})
     return Work(records, len(batch), tokens)

@@ -19,6 +19,7 @@ import torch
 from steer.errors import SteerError
 from steer.pipeline.folders.rollouts import RolloutKey
 from steer.pipeline.folders.scores import Features
+from steer.settings import TAU_FLOOR
 
 
 class NoContrastError(SteerError, ValueError):
@@ -86,15 +87,22 @@ def select_pool(
     return Pool(pass_rates={pid: stats[pid][0] for pid in nearest}, advantages=advantages)
 
 
+def quantile_tau(entropy: np.ndarray, quantile: float) -> float:
+    """The entropy threshold at the `quantile` of the base entropy `entropy` (nats, one per generated position; 0.95
+    gates the top 5% of positions), and at least [`TAU_FLOOR`], so that a model sure of itself almost everywhere
+    gets no decision points where it has no real alternative."""
+    if not 0 < quantile < 1:
+        raise ValueError(f"tau_quantile must lie strictly between 0 and 1; got {quantile}")
+    return max(float(np.quantile(entropy, quantile)), TAU_FLOOR)
+
+
 def resolve_tau(features: Features, tau: float | None, quantile: float | None) -> float:
-    """The entropy threshold: `tau` as given, or the `quantile` of the base entropy over all generated positions of
-    the rollouts (for example 0.95 gates the top 5% of positions). It must lie above the scores' storage floor."""
+    """The entropy threshold: `tau` as given, or [`quantile_tau`] over all generated positions of the rollouts. It
+    must lie above the scores' storage floor."""
     if (tau is None) == (quantile is None):
         raise ValueError("give exactly one of tau (nats) and tau_quantile (a fraction of positions)")
     if quantile is not None:
-        if not 0 < quantile < 1:
-            raise ValueError(f"tau_quantile must lie strictly between 0 and 1; got {quantile}")
-        tau = float(np.quantile(torch.cat(features.entropy).numpy(), quantile))
+        tau = quantile_tau(torch.cat(features.entropy).numpy(), quantile)
     if tau < features.floor:
         raise ValueError(
             f"tau = {tau:.3f} nats lies below the storage floor {features.floor} of the scores: positions between "
