@@ -13,11 +13,12 @@ from steer.cli.options import (
     data_options,
     dtype_option,
     emit,
+    engine_option,
     json_option,
-    model_dtype,
     model_option,
     out_option,
 )
+from steer.cli.pipeline import decoding_models
 from steer.cli.settings import settings_from, settings_options
 from steer.settings import EvalSettings
 
@@ -59,14 +60,13 @@ def results_table(summary: EvalSummary) -> list[str]:
         for arm, a in benchmark.arms.items():
             low, high = a.interval_95
             passes = " ".join(f"@{k}={v:.3f}" for k, v in a.pass_at_k.items() if k != "1")
-            acted = arm != "base" and a.gated_fraction > 0
+            acted = arm != "base" and (a.gated_fraction or 0) > 0
             rows.append((name, arm, str(a.problems), f"{a.accuracy:.3f}", f"[{low:.3f}, {high:.3f}]",
                          passes or "-", f"{a.gated_fraction:.1%}" if acted else "-",
                          f"{a.changed_fraction:.1%}" if acted else "-"))
-        if benchmark.paired is not None:
-            p = benchmark.paired
+        for arm, p in benchmark.paired.items():
             detail = f", {p.gained} gained, {p.lost} lost" if p.gained is not None else ""
-            notes.append(f"{name}: steered - base = {p.difference:+.3f} ({p.test} p = {p.p_value:.3g}{detail}): "
+            notes.append(f"{name}: {arm} - base = {p.difference:+.3f} ({p.test} p = {p.p_value:.3g}{detail}): "
                          f"{p.verdict()}")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
@@ -82,12 +82,13 @@ def results_table(summary: EvalSummary) -> list[str]:
 @click.option("--head", help="Correction head folder (or Hub id): adds the steered arm.")
 @settings_options(EvalSettings, help={"samples": "Decodes per problem and arm."})
 @click.option("--trace", is_flag=True, help="Also record each decode's per-step entropy, gating and top-k "
-              "candidates (the head's top-k, else 5) into OUT/traces/, for `steer view --run OUT`.")
+              "candidates (the head's top-k, else 5) into OUT/traces/, for `steer view --run OUT` (hf engine).")
+@engine_option
 @dtype_option
 @cpu_option
 @json_option
-def evaluate_command(model, sources, out, head, question_field, answer_field, limit, trace, cpu, dtype, as_json,
-                     **options):
+def evaluate_command(model, sources, out, head, question_field, answer_field, limit, trace, engine, cpu, dtype,
+                     as_json, **options):
     """Decode benchmarks with the base model and (with --head) the steered one, grade, and compare them.
 
     Writes OUT/predictions.jsonl as it goes (an interrupted run resumes) and OUT/summary.json at the end. Under
@@ -95,20 +96,26 @@ def evaluate_command(model, sources, out, head, question_field, answer_field, li
     is shared among processes and merged by the main one.
     """
     from steer.head import CorrectionHead
-    from steer.models import load_model
     from steer.pipeline.distributed import current_workers
-    from steer.pipeline.evaluation import evaluate
+    from steer.pipeline.evaluation import Arm, evaluate, head_digest
     from steer.pipeline.folders.predictions import SUMMARY_FILE, PredictionFolder
     from steer.pipeline.tracing import DEFAULT_TRACE_TOP_K
 
+    if trace and engine != "hf":
+        raise click.UsageError("--trace records traces in transformers' generate: use it with --engine hf")
     workers = current_workers(cpu)
+    settings = settings_from(EvalSettings, options)
     benchmarks = load_benchmarks(sources, question_field, answer_field, limit)
-    lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))
+    lm, tokenizer, steered = decoding_models(engine, model, head, dtype, settings.seed, workers)
     steering = CorrectionHead.from_pretrained(head) if head else None
-    if steering is not None:
-        steering.check_compatible(lm)
-    trace_top_k = (steering.top_k if steering is not None else DEFAULT_TRACE_TOP_K) if trace else None
-    summary = evaluate(lm, tokenizer, benchmarks, out, settings_from(EvalSettings, options), head=steering,
-                       workers=workers, trace_top_k=trace_top_k)
+    if steered is not None:  # vLLM: one engine, steering off for base and on for the steered arm
+        arms = [Arm("base", lm), Arm("steered", steered, digest=head_digest(steering), tau=steering.tau)]
+        summary = evaluate(lm, tokenizer, benchmarks, out, settings, arms=arms, workers=workers)
+    else:
+        if steering is not None:
+            steering.check_compatible(lm)
+        trace_top_k = (steering.top_k if steering is not None else DEFAULT_TRACE_TOP_K) if trace else None
+        summary = evaluate(lm, tokenizer, benchmarks, out, settings, head=steering, workers=workers,
+                           trace_top_k=trace_top_k)
     if workers.is_main:
         emit(summary, as_json, [*results_table(summary), f"-> {PredictionFolder(out).path / SUMMARY_FILE}"], out=out)

@@ -30,6 +30,7 @@ COMMANDS = {
     "label": "steer.cli.pipeline:label",
     "rollout": "steer.cli.pipeline:rollout",
     "score": "steer.cli.pipeline:score",
+    "serve": "steer.cli.serve:serve_command",
     "train": "steer.cli.pipeline:train",
     "view": "steer.cli.view:view_command",
     "world": "steer.cli.demo:world_command",

@@ -49,6 +49,16 @@ def model_dtype(name: str) -> torch.dtype | None:
     return getattr(torch, name)
 
 
+ENGINES = ("hf", "vllm")
+
+
+def engine_option(command: Callable) -> Callable:
+    """--engine: transformers' generate or vLLM (steer.integrations.vllm)."""
+    return click.option("--engine", default="hf", show_default=True, type=click.Choice(ENGINES),
+                        help="Decoding engine: transformers' generate (hf), or vLLM, one process with its own "
+                        "batching (needs vLLM: steer.integrations.vllm).")(command)
+
+
 def cpu_option(command: Callable) -> Callable:
     return click.option("--cpu", is_flag=True, help="Run on the CPU even where a GPU is available.")(command)
 

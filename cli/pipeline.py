@@ -9,6 +9,7 @@ from steer.cli.options import (
     data_options,
     dtype_option,
     emit,
+    engine_option,
     json_option,
     model_dtype,
     model_option,
@@ -23,30 +24,53 @@ from steer.settings import DEFAULT_INSTRUCTION, LabelSettings, RolloutSettings, 
 @data_options()
 @out_option("Folder of the rollout store.")
 @settings_options(RolloutSettings, help={"samples": "Rollouts per problem."})
+@engine_option
 @dtype_option
 @cpu_option
 @json_option
-def rollout(model, data, out, question_field, answer_field, limit, cpu, dtype, as_json, **options):
+def rollout(model, data, out, question_field, answer_field, limit, engine, cpu, dtype, as_json, **options):
     """Sample rollouts of the base model on benchmark problems and grade them into OUT/rollouts.jsonl.
 
     The store is appended to as batches finish; running the same command again after an interruption completes
-    it. Under `accelerate launch -m steer rollout ...` each process takes a share of the problems.
+    it. Under `accelerate launch -m steer rollout ...` each process takes a share of the problems (with the hf
+    engine; vLLM spreads its own work).
     """
-    from steer.models import load_model
     from steer.pipeline.distributed import current_workers
     from steer.pipeline.problems import load_problems
     from steer.pipeline.rollout import run_rollouts
 
     workers = current_workers(cpu)
+    settings = settings_from(RolloutSettings, options)
     problems = load_problems(data, question_field=question_field, answer_field=answer_field, limit=limit)
-    lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))
-    summary = run_rollouts(lm, tokenizer, problems, out, settings_from(RolloutSettings, options), workers=workers)
+    lm, tokenizer, _ = decoding_models(engine, model, None, dtype, settings.seed, workers)
+    summary = run_rollouts(lm, tokenizer, problems, out, settings, workers=workers)
     if workers.is_main:
         emit(summary, as_json, [
             f"{summary.written} new rollouts ({summary.total} in {summary.path}), "
             f"mean reward {summary.mean_reward:.3f}",
             f"{summary.tokens} tokens in {summary.seconds:.1f} s ({summary.tokens_per_second:.1f} tokens/s)",
         ])
+
+
+def decoding_models(engine: str, model: str, head: str | None, dtype: str, seed: int, workers):
+    """What a decoding command decodes with: `(base, tokenizer, steered)`, the steered one `None` without a head.
+    With the hf engine, the loaded model (steered through a head's processor by the caller); with vLLM, decoders
+    over one engine (steered when a head is given)."""
+    if engine == "hf":
+        from steer.models import load_model
+
+        lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))
+        return lm, tokenizer, None
+    if workers.world > 1:
+        raise click.UsageError("--engine vllm runs in one process (vLLM batches and parallelizes itself): launch it "
+                               "without accelerate or torchrun")
+    from transformers import AutoTokenizer
+
+    from steer.integrations.vllm.decoding import vllm_decoders
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    base, steered = vllm_decoders(model, tokenizer, head, dtype, seed)
+    return base, tokenizer, steered
 
 
 @click.command("import-rollouts")

@@ -249,7 +249,7 @@ def evaluation_lines(evaluation: Evaluation) -> list[str]:
              "steps gated by the head):", "",
              "| benchmark | problems | base | steered | difference | test | gated |", "|---|---|---|---|---|---|---|"]
     for name, benchmark in evaluation.summary.benchmarks.items():
-        steered, paired = benchmark.arms["steered"], benchmark.paired
+        steered, paired = benchmark.arms["steered"], benchmark.paired.get("steered")
         test = f"{paired.test} p = {paired.p_value:.3g}" if paired else "-"
         difference = f"{paired.difference:+.3f}" if paired else "-"
         lines.append(f"| {name} | {steered.problems} | {_accuracy(benchmark.arms.get('base'))} | "

@@ -268,9 +268,12 @@ class CorrectionHead(
 
     def check_compatible(self, model: nn.Module) -> None:
         """Raise [`HeadMismatchError`] unless `model` has the output embedding this head was made for."""
-        weight = output_embedding(model)
+        self.check_embedding(output_embedding(model), _model_name(model) or type(model).__name__)
+
+    def check_embedding(self, weight: torch.Tensor, model_name: str) -> None:
+        """Raise [`HeadMismatchError`] unless `weight` (`[vocab_size, hidden_size]`, the output embedding of the model
+        called `model_name` in the message) is the one this head was made for (sizes only for a `meta` tensor)."""
         made_for = self.config.model_name_or_path or "an unnamed model"
-        model_name = _model_name(model) or type(model).__name__
         vocab_size, hidden_size = weight.shape
         if (hidden_size, vocab_size) != (self.config.hidden_size, self.config.vocab_size):
             raise HeadMismatchError(
@@ -278,7 +281,7 @@ class CorrectionHead(
                 f"{self.config.vocab_size}), but {model_name} has hidden size {hidden_size} and vocabulary {vocab_size}"
             )
         fingerprint = self.config.embedding_fingerprint
-        if fingerprint and not fingerprints_match(fingerprint, embedding_fingerprint(weight)):
+        if fingerprint and not weight.is_meta and not fingerprints_match(fingerprint, embedding_fingerprint(weight)):
             raise HeadMismatchError(
                 f"this head was made for {made_for}, and {model_name} has the same sizes but a different output "
                 "embedding (fingerprint mismatch): it is another model, or other weights of it"

@@ -1,11 +1,15 @@
-"""Batched decoding of prompts, plain or steered, with per-sequence results: the engine behind rollouts and eval."""
+"""Batched decoding of prompts, plain or steered, with per-sequence results: the engine behind rollouts and eval.
+
+Decoding runs on transformers' `generate` ([`decode_batch`]), or on another engine that implements [`Decoder`]
+(vLLM: `steer.integrations.vllm.decoding.VllmDecoder`); [`decode_units`] picks the one a stage was given.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
@@ -26,14 +30,15 @@ class Completion:
         token_ids (`list[int]`): the generated tokens, up to and including the end-of-sequence token if one came.
         finish_reason (`str`): `"stop"` (an end-of-sequence token) or `"length"` (`max_new_tokens` reached).
         gated (`int`), changed (`int`): steps of this sequence where the processor acted (the head's decision
-            points, or substitutions), and those where that changed the top-1 token (0 without a processor).
+            points, or substitutions), and those where that changed the top-1 token (0 without a processor; `None`
+            where the engine does not count them per sequence).
     """
 
     text: str
     token_ids: list[int]
     finish_reason: str
-    gated: int = 0
-    changed: int = 0
+    gated: int | None = 0
+    changed: int | None = 0
 
     @property
     def steps(self) -> int:
@@ -57,6 +62,44 @@ class RecordingProcessor(Protocol):
 
 ProcessorFactory = Callable[[dict[str, torch.Tensor]], RecordingProcessor]
 """Builds the processor for one batch from the batch's tensors (`input_ids`, `attention_mask`, left-padded)."""
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """A decoding engine other than transformers' `generate`, which stages take in place of a model.
+
+    Attributes:
+        name_or_path (`str`): the model it decodes with, as recorded in a run's settings.
+    """
+
+    name_or_path: str
+
+    def decode(self, prompt_ids: Sequence[Sequence[int]], settings: DecodingSettings,
+               seeds: Sequence[int]) -> list[Completion]:
+        """Decode each prompt with its own seed (so a sample is the same whatever batch it is in)."""
+        ...
+
+    def run_settings(self) -> dict[str, Any]:
+        """What it adds to a run's settings, so that a run cannot resume with another engine."""
+        ...
+
+
+def decode_units(model: PreTrainedModel | Decoder, tokenizer: PreTrainedTokenizerBase,
+                 prompt_ids: Sequence[Sequence[int]], settings: DecodingSettings, seed: int, keys: Sequence[tuple],
+                 processor: ProcessorFactory | None = None) -> list[Completion]:
+    """Decode one batch of units, each prompt named by its key (problem and sample): with transformers as one batch
+    seeded from `seed` and all the keys (see [`decode_batch`]); with a [`Decoder`], each with a seed from `seed` and
+    its own key."""
+    if isinstance(model, Decoder):
+        if processor is not None:
+            raise ValueError("a logits processor runs in transformers' generate only: decode with the model")
+        return model.decode(prompt_ids, settings, [derive_seed(seed, key) for key in keys])
+    return decode_batch(model, tokenizer, prompt_ids, settings, derive_seed(seed, *keys), processor)
+
+
+def run_settings(model: PreTrainedModel | Decoder) -> dict[str, Any]:
+    """The model's name, and what its engine adds, for a run's settings."""
+    return {"model": model.name_or_path, **(model.run_settings() if isinstance(model, Decoder) else {})}
 
 
 def steering(model: PreTrainedModel, head: CorrectionHead) -> ProcessorFactory:

@@ -26,10 +26,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from steer.head import CorrectionHead
 from steer.pipeline.decoding import (
     Completion,
+    Decoder,
     ProcessorFactory,
     batches_by_length,
-    decode_batch,
-    derive_seed,
+    decode_units,
+    run_settings,
     steering,
 )
 from steer.pipeline.distributed import Workers
@@ -49,14 +50,14 @@ class Arm:
 
     Attributes:
         name (`str`): the arm's label in the predictions and the summary.
-        model (`PreTrainedModel`): the model that decodes.
+        model (`PreTrainedModel` or [`Decoder`]): the model that decodes, or an engine that decodes with it.
         processor ([`ProcessorFactory`], *optional*): builds a logits processor per batch.
         digest (`str`, *optional*): identifies the processor's settings, so that a resumed run cannot change them.
         tau (`float`, *optional*): the processor's gate threshold, recorded with traces.
     """
 
     name: str
-    model: PreTrainedModel
+    model: PreTrainedModel | Decoder
     processor: ProcessorFactory | None = None
     digest: str | None = None
     tau: float | None = None
@@ -66,7 +67,7 @@ class Arm:
         return cls(name, model, steering(model, head), head_digest(head), head.tau)
 
     def describe(self) -> dict:
-        return {"model": self.model.name_or_path, "processor": self.digest}
+        return {**run_settings(self.model), "processor": self.digest}
 
 
 @dataclass(frozen=True)
@@ -126,13 +127,17 @@ def evaluate(
         for name, problems in benchmarks.items() for p in problems
     }
 
+    if trace_top_k is not None and any(isinstance(arm.model, Decoder) for arm in arms):
+        raise ValueError("traces are recorded in transformers' generate: evaluate with the model, not an engine")
+
     def work(batch: list[_Unit]) -> Work:
-        seed = derive_seed(settings.seed, *((u.benchmark, u.problem.id, u.sample) for u in batch))
+        keys = [(u.benchmark, u.problem.id, u.sample) for u in batch]
         ids = [prompts[u.benchmark, u.problem.id] for u in batch]
         records, tokens = [], 0
         for arm in arms:
             tracer = Tracer(arm.processor, trace_top_k) if trace_top_k is not None else None
-            completions = decode_batch(arm.model, tokenizer, ids, settings.decoding, seed, tracer or arm.processor)
+            completions = decode_units(arm.model, tokenizer, ids, settings.decoding, settings.seed, keys,
+                                       tracer or arm.processor)
             if tracer is not None:
                 _write_traces(folder, tokenizer, batch, arm, tracer.traces(completions))
             records += [_record(u, arm.name, c) for u, c in zip(batch, completions)]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from steer.pipeline.decoding import Completion, batches_by_length, decode_batch, derive_seed
+from steer.pipeline.decoding import Completion, Decoder, batches_by_length, decode_units, run_settings
 from steer.pipeline.distributed import Workers
 from steer.pipeline.folders.rollouts import RolloutFolder
 from steer.pipeline.grading import extract_answer, grade
@@ -43,7 +43,7 @@ def _graded_reward(completion: str, problem: Problem) -> float:
 
 
 def run_rollouts(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Decoder,
     tokenizer: PreTrainedTokenizerBase,
     problems: Sequence[Problem],
     out_dir: str | os.PathLike,
@@ -56,7 +56,9 @@ def run_rollouts(
     """Sample `settings.samples` rollouts per problem, grade them, and append them to `out_dir/rollouts.jsonl`.
 
     Args:
-        model (`PreTrainedModel`), tokenizer (`PreTrainedTokenizerBase`): the base model (see [`load_model`]).
+        model (`PreTrainedModel` or [`Decoder`]): the base model (see [`load_model`]), or an engine that decodes
+            with it (`steer.integrations.vllm.decoding.VllmDecoder`). tokenizer (`PreTrainedTokenizerBase`): its
+            tokenizer.
         problems (`Sequence[Problem]`): the training problems (see [`load_problems`]).
         out_dir (`str` or `os.PathLike`): the store's folder; an existing store is completed, not restarted.
         settings ([`RolloutSettings`]): sampling settings; they must match those of an existing store.
@@ -80,13 +82,13 @@ def run_rollouts(
     prompts = {problem_id: encode_prompt(tokenizer, text) for problem_id, text in texts.items()}
 
     def work(batch: list[tuple[Problem, int]]) -> Work:
-        seed = derive_seed(settings.seed, *((p.id, s) for p, s in batch))
-        completions = decode_batch(model, tokenizer, [prompts[p.id] for p, _ in batch], settings.decoding, seed)
+        completions = decode_units(model, tokenizer, [prompts[p.id] for p, _ in batch], settings.decoding,
+                                   settings.seed, [(p.id, s) for p, s in batch])
         records = [_record(p, s, texts[p.id], prompts[p.id], c, reward_fn) for (p, s), c in zip(batch, completions)]
         return Work(records, len(completions), sum(c.steps for c in completions))
 
     job = Job(
-        label="rollouts", unit="seq", folder=folder, settings={"model": model.name_or_path, **asdict(settings)},
+        label="rollouts", unit="seq", folder=folder, settings={**run_settings(model), **asdict(settings)},
         units=[(p, s) for p in problems for s in range(settings.samples)],
         unit_keys=lambda unit: [(unit[0].id, unit[1])],
         batches=lambda pending: batches_by_length(pending, [len(prompts[p.id]) for p, _ in pending],

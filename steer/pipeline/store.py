@@ -121,9 +121,9 @@ def check_settings(path: str | os.PathLike, settings: dict[str, Any]) -> None:
     except json.JSONDecodeError as err:
         raise StoreError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     differences = [
-        f"{name}: stored {saved.get(name)!r}, now {value!r}"
-        for name, value in settings.items()
-        if saved.get(name) != value
+        f"{name}: stored {saved.get(name)!r}, now {settings.get(name)!r}"
+        for name in sorted(settings.keys() | saved.keys())
+        if saved.get(name) != settings.get(name)
     ]
     if differences:
         raise StoreError(

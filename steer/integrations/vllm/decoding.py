@@ -1,0 +1,95 @@
+"""vLLM as the decoding engine of `steer rollout` and `steer eval` (`--engine vllm`): a [`Decoder`] over a
+`vllm.LLM`, steered or not.
+
+Each prompt is decoded with its own seed (`SamplingParams(seed=...)`, derived from the run's seed, the problem and
+the sample), so a sample is the same whatever batch it lands in, and a resumed run reproduces what it redoes. The
+run folders are those of the transformers engine; the run's settings record the engine, so that a run cannot
+resume on the other one. vLLM does not say which steps of a sequence steering acted on, so the steered records'
+`gated` and `changed` are `None` (the engine's totals: [`steering_stats`]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from transformers import PreTrainedTokenizerBase
+
+from steer.integrations.vllm import set_steering
+from steer.pipeline.decoding import Completion
+from steer.settings import DecodingSettings
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+
+@dataclass
+class VllmDecoder:
+    """Decodes through `llm`; with `steered` set, switches the steered engine's steering on or off first (one
+    steered engine serves both arms of an evaluation).
+
+    Args:
+        llm (`vllm.LLM`): a plain engine, or one from [`steered_llm`].
+        tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer (texts are decoded as the transformers engine
+            decodes them).
+        name_or_path (`str`): the model, as recorded in the run's settings.
+        steered (`bool`, *optional*): steering on or off for this decoder's batches; `None` leaves the engine as is.
+    """
+
+    llm: LLM
+    tokenizer: PreTrainedTokenizerBase
+    name_or_path: str
+    steered: bool | None = None
+
+    def decode(self, prompt_ids: Sequence[Sequence[int]], settings: DecodingSettings,
+               seeds: Sequence[int]) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.steered is not None:
+            set_steering(self.llm, self.steered)
+        greedy = settings.temperature == 0
+        params = [SamplingParams(temperature=0.0 if greedy else settings.temperature,
+                                 top_p=1.0 if greedy else settings.top_p, max_tokens=settings.max_new_tokens,
+                                 seed=seed % 2**63) for seed in seeds]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids], params,
+                                    use_tqdm=False)
+        return [self._completion(output.outputs[0]) for output in outputs]
+
+    def _completion(self, output: Any) -> Completion:
+        token_ids = list(output.token_ids)
+        finish = "stop" if output.finish_reason == "stop" else "length"
+        counted = 0 if self.steered is False else None  # an unsteered decode has no steered steps
+        return Completion(self.tokenizer.decode(token_ids, skip_special_tokens=True), token_ids, finish,
+                          gated=counted, changed=counted)
+
+    def run_settings(self) -> dict[str, Any]:
+        return {"engine": "vllm"}
+
+
+def vllm_decoders(model: str, tokenizer: PreTrainedTokenizerBase, head: str | None, dtype: str, seed: int,
+                  **llm_kwargs: Any) -> tuple[VllmDecoder, VllmDecoder | None]:
+    """One engine for `model`, and its decoders: the base model's, and with `head` the steered model's (the same
+    steered engine with steering off, then on).
+
+    Args:
+        model (`str`), tokenizer (`PreTrainedTokenizerBase`): the model and its tokenizer.
+        head (`str`, *optional*): a head folder or Hub id.
+        dtype (`str`): `"auto"` (float32 on a CPU, as `steer.models` loads models; vLLM's choice elsewhere) or a
+            torch dtype name.
+        seed (`int`): the engine's seed. **llm_kwargs: more `vllm.LLM` arguments.
+    """
+    from steer.integrations.vllm import engine_defaults, require_vllm, steered_llm
+
+    require_vllm()
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    if dtype == "auto" and current_platform.is_cpu():
+        dtype = "float32"
+    kwargs = {"dtype": dtype, "seed": seed, **llm_kwargs}
+    if head is None:
+        return VllmDecoder(LLM(model=model, **engine_defaults(kwargs)), tokenizer, model), None
+    llm = steered_llm(model, head, **kwargs)
+    return VllmDecoder(llm, tokenizer, model, steered=False), VllmDecoder(llm, tokenizer, model, steered=True)

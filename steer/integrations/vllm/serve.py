@@ -1,0 +1,58 @@
+"""`steer serve`: vLLM's OpenAI-compatible server with a steered model.
+
+vLLM's own command line takes every option but the steering: [`server_arguments`] parses them with vLLM's parser and
+adds the steered architecture, the head and the worker extension to what the engine receives, as
+[`steer.integrations.vllm.steered_llm`] does offline; [`serve`] then runs vLLM's server in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from steer.integrations.vllm import (
+    CPU_KV_CACHE_BYTES,
+    WORKER_EXTENSION,
+    check_engine_arguments,
+    describe_head,
+    require_vllm,
+    steer_overrides,
+)
+
+
+def server_arguments(model: str, head: str, host: str, port: int, vllm_args: Sequence[str]) -> argparse.Namespace:
+    """vLLM's server arguments for `model` steered by `head`, with `vllm_args` (vLLM's own options) passed through.
+
+    Raises:
+        [`SteerError`]: what [`steered_llm`] refuses (another model's head, an unsupported architecture, tensor
+            parallelism, speculative decoding).
+    """
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.platforms import current_platform
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="steer serve"))
+    args = parser.parse_args(["--model", model, "--host", host, "--port", str(port), *vllm_args])
+    check_engine_arguments({"tensor_parallel_size": args.tensor_parallel_size,
+                            "speculative_config": args.speculative_config})
+    args.hf_overrides = {**(args.hf_overrides or {}), **steer_overrides(model, head)}
+    args.worker_extension_cls = args.worker_extension_cls or WORKER_EXTENSION
+    if current_platform.is_cpu() and args.kv_cache_memory_bytes is None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        args.kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+    validate_parsed_serve_args(args)
+    return args
+
+
+def serve(model: str, head: str, host: str, port: int, vllm_args: Sequence[str]) -> None:
+    """Run the server until it is stopped; logs the head it loaded."""
+    require_vllm()
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    cli_env_setup()
+    args = server_arguments(model, head, host, port, vllm_args)
+    print(f"steer: {describe_head(args.hf_overrides['steer_head'])} on {model}", file=sys.stderr, flush=True)
+    uvloop.run(run_server(args))
