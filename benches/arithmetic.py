@@ -37,6 +37,20 @@ def arithmetic(count: int, seed: int = 0) -> list[Problem]:
     return problems
 
 
+def training_problems(count: int, held: list[Problem], seed: int = 1) -> list[Problem]:
+    """Problems for training (GRPO) drawn with another seed, none of them a question in `held`, none repeated."""
+    seen = {p.question for p in held}
+    problems: list[Problem] = []
+    for draw in range(1, 11):
+        for problem in arithmetic(count * draw, seed + 1000 * draw):
+            if problem.question not in seen and len(problems) < count:
+                seen.add(problem.question)
+                problems.append(Problem(f"arith-train-{len(problems)}", problem.question, problem.gold, "arithmetic"))
+        if len(problems) == count:
+            return problems
+    raise ValueError(f"only {len(problems)} distinct arithmetic problems outside the held ones; asked for {count}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=400)

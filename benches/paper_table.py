@@ -194,7 +194,7 @@ def main() -> None:
         "footprint": {k: fp[k] for k in ("positions", "differ_fraction", "rank_share", "rank_share_differing",
                                          "entropy", "gate_at_tau", "rl_accuracy")},
         "intervention": {"tau": iv["tau"], "random_rate": iv["random_rate"], "arms": arms},
-        "goals": goals, "grpo": {k: grpo[k] for k in ("best", "total", "arguments", "trl")},
+        "goals": goals, "grpo": {k: grpo[k] for k in ("best", "total", "trl")},
     }
     atomic_write_json(RESULTS / "paper_table.json", table)
     atomic_write_text(RESULTS / "paper_table.md", markdown(table))

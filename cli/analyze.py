@@ -46,6 +46,7 @@ def load_pair(base: str, rl: str, workers: Workers):
 
 def footprint_lines(result: FootprintResult, out: str) -> list[str]:
     from steer.analysis.footprint import REPORT_FILE
+
     report = result.report
     entropy, shares = report.entropy, report.rank_share
     gates = [g for g in report.gate if g.tau in (0.5, 1.0, 1.4, 2.0)]
@@ -88,9 +89,9 @@ def headroom_lines(report: HeadroomReport, out: str) -> list[str]:
         f"{report.tries_per_failure:.1f} in each arm",
     ]
     for arm, row in report.arms.items():
-        low, high = row.fixed_interval
-        lines.append(f"  {arm:>8}: fixes {row.fixed}/{report.failures} failures ({row.fixed_share:.1%}, 95% "
-                     f"[{low:.1%}, {high:.1%}]); {row.try_success:.1%} of tries succeed")
+        interval = "" if row.fixed_interval is None else "; 95% [{:.1%}, {:.1%}]".format(*row.fixed_interval)
+        lines.append(f"  {arm:>8}: fixes {row.fixed}/{report.failures} failures ({row.fixed_share:.1%}{interval}); "
+                     f"{row.try_success:.1%} of tries succeed")
     lines += [
         f"ceiling (decision-point switches, up to {len(report.fixed_by_round)} in a row) "
         f"{report.ceiling_accuracy:.3f}; one switch {report.one_switch_accuracy:.3f}; oracle at the highest-entropy "

@@ -28,7 +28,7 @@ _LAZY = {
     "EntropyTopK": ("steer.reference", "EntropyTopK"),
     "SteeredLogits": ("steer.reference", "SteeredLogits"),
     "DemoResult": ("steer.world.demo", "DemoResult"),
-    "DemoSettings": ("steer.world.demo", "DemoSettings"),
+    "DemoSettings": ("steer.settings", "DemoSettings"),
     "run_demo": ("steer.world.demo", "run_demo"),
     "world_model": ("steer.world.generator", "model_path"),
     "Problem": ("steer.pipeline.problems", "Problem"),
@@ -47,7 +47,8 @@ if TYPE_CHECKING:
     from steer.pipeline.problems import Problem, ProblemFileError, load_problems
     from steer.processor import SteeringProcessor, SteeringStats
     from steer.reference import EntropyTopK, SteeredLogits
-    from steer.world.demo import DemoResult, DemoSettings, run_demo
+    from steer.settings import DemoSettings
+    from steer.world.demo import DemoResult, run_demo
     from steer.world.generator import model_path as world_model
 
 

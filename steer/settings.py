@@ -124,9 +124,9 @@ class TrainSettings:
 
     Attributes:
         tau (`float`, *optional*), tau_quantile (`float`, *optional*, defaults to 0.95): the decision threshold in
-            nats, or as this quantile of the base entropy over the pool's generated positions (a given tau wins).
-            A quantile adapts to the model's entropy scale: the paper's 1.4 nats suits its Qwen models, but gated
-            60% of the steps of SmolLM2-135M and made it worse.
+            nats, or as this quantile of the base entropy over the pool's generated positions, and at least
+            [`TAU_FLOOR`] (a given tau wins). A quantile adapts to the model's entropy scale: the paper's 1.4 nats
+            suits its Qwen models, but gated 60% of the steps of SmolLM2-135M and made it worse.
         top_k (`int`, defaults to 5), rank (`int`, defaults to 16): the head's candidates and rank.
         pool_problems (`int`, defaults to 50), keep_shortest (`float`, defaults to 0.8), advantage_clip (`float`,
             defaults to 2.5): see [`select_pool`].
@@ -181,8 +181,8 @@ class LabelSettings:
     """Which points are labelled, and how.
 
     Attributes:
-        tau (`float`, *optional*), tau_quantile (`float`, defaults to 0.95): the decision threshold (a given tau
-            wins); use the same as `steer train`.
+        tau (`float`, *optional*), tau_quantile (`float`, defaults to 0.95): the decision threshold, as for
+            `steer train` (a quantile at least [`TAU_FLOOR`]; a given tau wins); use the same as `steer train`.
         points (`int`, defaults to 2): decision points labelled per rollout (its first ones).
         top_k (`int`, defaults to 5): candidates continued per point (the head's top-k or more).
         pool_problems (`int`, defaults to 50): rollouts of this many problems with both outcomes, nearest a pass

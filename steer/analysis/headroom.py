@@ -77,12 +77,12 @@ class BranchFolder(RunFolder):
 @dataclass(frozen=True)
 class ArmHeadroom:
     """One arm: its `tries` over all failures, the failures that at least one try fixed (`fixed`, their share and its
-    95% Wilson interval), and the share of tries that succeeded."""
+    95% Wilson interval, `None` without failures), and the share of tries that succeeded."""
 
     tries: int
     fixed: int
     fixed_share: float
-    fixed_interval: tuple[float, float]
+    fixed_interval: tuple[float, float] | None
     try_success: float
 
 
@@ -223,12 +223,18 @@ def plan_round(trials: Sequence[Trial], scores: Sequence[_Scored], golds: dict[s
 
 
 def next_trials(records: Sequence[dict], depth: int, beam: int, prompts: dict[str, list[int]]) -> list[Trial]:
-    """The failed branches of round `depth` that go on: per failure and arm not fixed yet, the `beam` likeliest
-    switches (lowest rank, then highest entropy); `prompts` gives each failure's prompt ids."""
-    fixed = {(r["problem_id"], r["arm"]) for r in records if r["correct"]}
+    """The failed branches of round `depth` that go on: per failure and arm, the `beam` likeliest switches (lowest
+    rank, then highest entropy); `prompts` gives each failure's prompt ids. A failure goes on in both arms until
+    both have fixed it, so that the random arm's budget, which follows the decision arm's, is the same in every
+    round."""
+    fixed: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        if r["correct"] and r["arm"] in SWITCH_ARMS:
+            fixed[r["problem_id"]].add(r["arm"])
     failed: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
-        if r["arm"] in SWITCH_ARMS and r.get("depth") == depth and (r["problem_id"], r["arm"]) not in fixed:
+        done = fixed[r["problem_id"]] == set(SWITCH_ARMS)
+        if r["arm"] in SWITCH_ARMS and r.get("depth") == depth and not r["correct"] and not done:
             failed[(r["problem_id"], r["arm"])].append(r)
     return [Trial(r["problem_id"], r["arm"], r["path"], prompts[r["problem_id"]], r["completion_ids"], r["position"])
             for group in failed.values() for r in sorted(group, key=lambda r: (r["rank"], -r["entropy"]))[:beam]]
@@ -398,7 +404,7 @@ def _arm(tries: dict[str, list[dict]], failures: list[str]) -> ArmHeadroom:
     fixed = sum(any(r["correct"] for r in tries.get(problem, [])) for problem in failures)
     return ArmHeadroom(
         tries=len(records), fixed=fixed, fixed_share=fixed / len(failures) if failures else 0.0,
-        fixed_interval=wilson_interval(fixed, len(failures)),
+        fixed_interval=wilson_interval(fixed, len(failures)) if failures else None,
         try_success=sum(r["correct"] for r in records) / len(records) if records else 0.0,
     )
 
@@ -412,8 +418,9 @@ def plot_headroom(report: HeadroomReport, path: Path) -> Path:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     shares = [a.fixed_share for a in report.arms.values()]
-    errors = [[share - a.fixed_interval[0] for share, a in zip(shares, report.arms.values())],
-              [a.fixed_interval[1] - share for share, a in zip(shares, report.arms.values())]]
+    intervals = [a.fixed_interval or (share, share) for share, a in zip(shares, report.arms.values())]
+    errors = [[share - low for share, (low, _) in zip(shares, intervals)],
+              [high - share for share, (_, high) in zip(shares, intervals)]]
     left.bar(list(report.arms), shares, yerr=errors, capsize=4, color=["C0", "C7", "C7"])
     left.set(ylabel="share of failures fixed (95% interval)", ylim=(0, 1),
              title=f"{report.verdict}: {report.tries_per_failure:.1f} tries per failure (base "

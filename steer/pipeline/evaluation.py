@@ -93,7 +93,8 @@ def evaluate(
     """Decode and grade every problem of `benchmarks`, base and (with `head`) steered, into `out_dir`.
 
     Args:
-        model (`PreTrainedModel`), tokenizer (`PreTrainedTokenizerBase`): the base model.
+        model (`PreTrainedModel` or [`Decoder`]), tokenizer (`PreTrainedTokenizerBase`): the base model (an engine
+            decoding with it only with explicit `arms`).
         benchmarks (`Mapping[str, Sequence[Problem]]`): problems by benchmark label.
         out_dir (`str` or `os.PathLike`): where `predictions.jsonl` and `summary.json` go; a run there is resumed.
         settings ([`EvalSettings`]): decoding settings; they must match those of an existing run.

@@ -100,13 +100,20 @@ class EvalSummary:
         benchmarks = {
             name: BenchmarkSummary(
                 arms={arm: ArmSummary(**{**a, "interval_95": tuple(a["interval_95"])}) for arm, a in b["arms"].items()},
-                paired={arm: PairedTest(**test) for arm, test in (b.get("paired") or {}).items()},
+                paired={arm: PairedTest(**test) for arm, test in _paired_by_arm(b.get("paired")).items()},
             )
             for name, b in data["benchmarks"].items()
         }
         run = data.get("run")
         run = RunStats(run["tokens"], run["seconds"], run["processes"]) if run else None
         return cls(samples=data["samples"], benchmarks=benchmarks, run=run)
+
+
+def _paired_by_arm(paired: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """`paired` of a summary.json: by arm, or (written before every arm was paired) the steered arm's test."""
+    if paired and "test" in paired:
+        return {"steered": paired}
+    return paired or {}
 
 
 def summarize(predictions: Sequence[dict], samples: int) -> EvalSummary:

@@ -206,7 +206,7 @@ def server(tmp_path_factory):
     template = folder / "template.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}=")
     port = free_port()
-    log = open(folder / "server.log", "w")
+    log = (folder / "server.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "steer", "serve", "-m", str(folder / "model"), "--head", str(folder / "head"),
          "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
@@ -220,7 +220,9 @@ def server(tmp_path_factory):
         except OSError:
             if process.poll() is not None or time.time() > deadline:
                 process.kill()
-                raise RuntimeError(f"steer serve did not come up:\n{(folder / 'server.log').read_text()[-3000:]}")
+                log.close()
+                raise RuntimeError(
+                    f"steer serve did not come up:\n{(folder / 'server.log').read_text()[-3000:]}") from None
             time.sleep(1)
     yield port, model, tokenizer, head, folder
     process.terminate()

@@ -165,11 +165,15 @@ def engine_defaults(llm_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_engine_arguments(llm_kwargs: dict[str, Any]) -> None:
-    """Refuse engine settings under which the steered model would not steer every step of every request."""
-    if int(llm_kwargs.get("tensor_parallel_size") or 1) > 1:
-        raise SteerError("steering inside vLLM needs tensor_parallel_size=1: the LM head's rows, which the "
-                         "correction reads for each row's top-k candidates, are sharded across tensor-parallel "
-                         "ranks (pipeline and data parallelism are fine)")
+    """Refuse engine settings under which the steered model would not steer every step of every request: tensor
+    parallelism (the correction reads the LM head's rows of each row's top-k candidates, and those rows are sharded
+    across tensor-parallel ranks), pipeline parallelism (not supported yet: only the last stage holds the LM head),
+    and speculative decoding (several positions scored per request and step)."""
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if int(llm_kwargs.get(name) or 1) > 1:
+            raise SteerError(f"steering inside vLLM needs {name}=1: the correction reads the LM head's rows of each "
+                             "row's top-k candidates, which are sharded across tensor-parallel ranks and held by the "
+                             "last pipeline stage only (data parallelism is fine)")
     if llm_kwargs.get("speculative_config"):
         raise SteerError("steering does not support speculative decoding: it scores several positions per request "
                          "and step")
@@ -200,12 +204,13 @@ def steered_llm(model: str, head: str | Path | CorrectionHead, **llm_kwargs: Any
 
 
 def steering_stats(llm: LLM, reset: bool = False) -> SteeringStats:
-    """The steered engine's counters since it started (or was last reset): compute_logits calls (`steps`), rows
-    scored, gated rows and rows whose top-1 steering changed. Rows include those of prompt logprobs and of partial
-    prefills, which vLLM scores and discards."""
+    """The steered engine's counters since it started (or was last reset), summed over its workers: compute_logits
+    calls (`steps`), rows scored, gated rows and rows whose top-1 steering changed. Rows include those of prompt
+    logprobs and of partial prefills, which vLLM scores and discards."""
     from steer.processor import SteeringStats
 
-    steps, rows, gated, changed = llm.collective_rpc("steer_stats", kwargs={"reset": reset})[0]
+    counts = [sum(column) for column in zip(*llm.collective_rpc("steer_stats", kwargs={"reset": reset}))]
+    steps, rows, gated, changed = counts
     return SteeringStats(steps=steps, rows=rows, gated=gated, changed=changed)
 
 

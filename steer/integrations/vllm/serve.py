@@ -8,15 +8,13 @@ adds the steered architecture, the head and the worker extension to what the eng
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
 from steer.integrations.vllm import (
-    CPU_KV_CACHE_BYTES,
-    WORKER_EXTENSION,
     check_engine_arguments,
     describe_head,
+    engine_defaults,
     require_vllm,
     steer_overrides,
 )
@@ -30,17 +28,16 @@ def server_arguments(model: str, head: str, host: str, port: int, vllm_args: Seq
             parallelism, speculative decoding).
     """
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.platforms import current_platform
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="steer serve"))
     args = parser.parse_args(["--model", model, "--host", host, "--port", str(port), *vllm_args])
-    check_engine_arguments({"tensor_parallel_size": args.tensor_parallel_size,
-                            "speculative_config": args.speculative_config})
+    check_engine_arguments(vars(args))
     args.hf_overrides = {**(args.hf_overrides or {}), **steer_overrides(model, head)}
-    args.worker_extension_cls = args.worker_extension_cls or WORKER_EXTENSION
-    if current_platform.is_cpu() and args.kv_cache_memory_bytes is None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-        args.kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+    given = {name: value for name in ("worker_extension_cls", "kv_cache_memory_bytes")
+             if (value := getattr(args, name)) is not None}
+    for name, value in engine_defaults(given).items():
+        setattr(args, name, value)
     validate_parsed_serve_args(args)
     return args
 

@@ -1,0 +1,104 @@
+"""The method on a real model, as the paper tables run it: rollouts, scoring, branch labels, and two heads (rollout
+advantages, branch labels), with what each head cost.
+
+Used by `benches/paper_table_real.py`. Every stage resumes in its folder, and its wall seconds are recorded when it
+finishes (`stages.json`; the seconds of a sitting interrupted before a stage finished are not counted), so a rerun
+reports what the stages cost, not the nothing a resumed run does.
+
+Compute is counted as GRPO's is (`benches/grpo.py`): 2N FLOPs per token a forward pass reads or generates (N the
+model's parameters): the rollouts' prompt and completion tokens, the same again for their teacher-forced scoring, and
+the prompt and completion tokens of every branch continuation of the labels; plus an upper bound on head training, 6
+FLOPs per head parameter, training decision point and step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from steer.files import atomic_write_json
+from steer.head import CorrectionHead
+from steer.pipeline.folders.rollouts import RolloutFolder, rollout_length
+from steer.pipeline.labels import LabelFolder, label_branches
+from steer.pipeline.problems import Problem
+from steer.pipeline.rollout import run_rollouts
+from steer.pipeline.scoring import score_rollouts
+from steer.pipeline.training import TRAINING_FILE, train_head
+from steer.settings import LabelSettings, RolloutSettings, ScoreSettings, TrainSettings
+
+T = TypeVar("T")
+STAGES_FILE = "stages.json"
+LABEL_SOURCES = {"advantage head": "advantage", "branch head": "branches"}
+
+
+@dataclass(frozen=True)
+class HeadRun:
+    """A trained head and what making it cost: `seconds` (its stages' wall time), `tokens` (tokens read or generated
+    by the model) and `flops`."""
+
+    name: str
+    path: Path
+    head: CorrectionHead
+    seconds: float
+    tokens: int
+    flops: float
+
+
+class Stages:
+    """Wall seconds per stage in `<out>/stages.json`, from the sitting that finished it; a stage marked done is not
+    timed again."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / STAGES_FILE
+        self.record: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def run(self, name: str, stage: Callable[[], T]) -> T:
+        start = time.perf_counter()
+        result = stage()
+        if name not in self.record:
+            self.record[name] = {"seconds": time.perf_counter() - start}
+            atomic_write_json(self.path, self.record)
+        return result
+
+    def seconds(self, *names: str) -> float:
+        return sum(self.record[name]["seconds"] for name in names)
+
+
+def make_heads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], out: Path,
+               rollouts: RolloutSettings, labels: LabelSettings, train: TrainSettings = TrainSettings(),
+               score: ScoreSettings = ScoreSettings()) -> dict[str, HeadRun]:
+    """Rollouts of `model` on `problems`, scored, labelled by branching, and a head from each label source (`train`
+    otherwise the same), saved under `out`. Returns the heads by name ([`LABEL_SOURCES`])."""
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out)
+    rollouts_dir = out / "rollouts"
+    stages.run("rollouts", lambda: run_rollouts(model, tokenizer, problems, rollouts_dir, rollouts))
+    stages.run("scoring", lambda: score_rollouts(model, rollouts_dir, score))
+    stages.run("labels", lambda: label_branches(model, tokenizer, rollouts_dir, labels))
+    parameters = sum(p.numel() for p in model.parameters())
+    records = RolloutFolder(rollouts_dir).records(("prompt_ids", "completion_ids"))
+    rollout_tokens = sum(map(rollout_length, records))
+    prompts = {(r["problem_id"], r["sample"]): r["prompt_ids"] for r in records}
+    label_tokens = sum(len(prompts[r["problem_id"], r["sample"]]) + len(r["completion_ids"])
+                       for r in LabelFolder.of(rollouts_dir).read_records())
+    heads = {}
+    for name, source in LABEL_SOURCES.items():
+        folder = out / name.replace(" ", "-")
+        if not (folder / TRAINING_FILE).exists():
+            stages.record.pop(f"train {source}", None)  # a head not saved was not trained: time it again
+            stages.run(f"train {source}", lambda s=source, f=folder: train_head(model, rollouts_dir,
+                                                                                 replace(train, labels=s)).save(f))
+        head = CorrectionHead.from_pretrained(folder)
+        points = json.loads((folder / TRAINING_FILE).read_text())["pool"]["train_points"]
+        training_flops = 6 * sum(p.numel() for p in head.parameters()) * points * train.steps
+        tokens = 2 * rollout_tokens + (label_tokens if source == "branches" else 0)  # generated, then scored
+        stage_names = ["rollouts", "scoring", *(["labels"] if source == "branches" else []), f"train {source}"]
+        heads[name] = HeadRun(name, folder, head, stages.seconds(*stage_names), tokens,
+                              2 * parameters * tokens + training_flops)
+    return heads

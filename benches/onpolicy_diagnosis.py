@@ -1,0 +1,164 @@
+"""Why a head moves accuracy so little, measured where it acts: at the steps of held-out steered decodes.
+
+    python benches/onpolicy_diagnosis.py --model benches/models/SmolLM2-135M-Instruct \\
+        --data benches/data/arithmetic.jsonl --heads benches/runs/table-arithmetic/heads
+
+Issue 15's diagnosis scored the heads at labelled decision points of *sampled pool rollouts*. Here the unit is the
+head's own greedy decode of problems it never trained on (the validation slice, problems 100-199 of the file, not
+the test slice), traced step by step (`steer eval --trace`). The chain from a head to a gained answer, link by link:
+
+1. gate: how many steps of a completion the head is asked about (gated), for completions the base model gets
+   wrong and right;
+2. change: how many of them it changes the top-1 at;
+3. choice: at each changed step, the head's token and the base top-1 are each continued by the steered model
+   (greedy, same budget) and graded: how often the head's branch succeeds where the base choice's does not, and the
+   reverse;
+4. outcome: base against steered accuracy on the same problems.
+
+Writes `benches/results/onpolicy-<model>-<data>.json` (per head) and prints the chain. Resumes in
+`benches/runs/onpolicy-<data>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steer.files import atomic_write_json
+from steer.head import CorrectionHead
+from steer.models import load_model
+from steer.pipeline.branching import Branch, BranchDecoding, branch_batches, continue_branches
+from steer.pipeline.decoding import steering
+from steer.pipeline.evaluation import evaluate
+from steer.pipeline.folders import RunFolder
+from steer.pipeline.folders.predictions import PredictionFolder
+from steer.pipeline.jobs import Job, run_job
+from steer.pipeline.metrics import mcnemar
+from steer.pipeline.problems import load_problems
+from steer.pipeline.prompts import build_prompt, encode_prompt
+from steer.settings import DecodingSettings, EvalSettings
+
+ROOT = Path(__file__).resolve().parent
+MAX_NEW_TOKENS = 96
+
+
+class ChoiceFolder(RunFolder):
+    """The continued choices: one record per (problem, changed step, choice), `choice` "head" or "base"."""
+
+    records_file = "choices.jsonl"
+    settings_file = "choices.settings.json"
+    key = ("problem_id", "position", "choice")
+    writer = "benches/onpolicy_diagnosis.py"
+
+
+def choice_branches(records: dict[str, dict], traces, prompts: dict[str, list[int]], per_completion: int
+                    ) -> list[Branch]:
+    """At the first `per_completion` changed steps of each steered decode: the head's token and the base top-1."""
+    branches = []
+    for (_, problem_id, arm, _), recorded in traces.by_key.items():
+        if arm != "steered":
+            continue
+        trace = recorded.trace
+        tokens = trace.tokens.tolist()
+        for t in trace.changed.nonzero().squeeze(-1).tolist()[:per_completion]:
+            for choice, token in (("head", tokens[t]), ("base", int(trace.topk_ids[t, 0]))):
+                key = {"problem_id": problem_id, "position": t, "choice": choice}
+                branches.append(Branch(key, prompts[problem_id], tokens[:t] + [token], records[problem_id]["gold"],
+                                       {"entropy": float(trace.entropy[t])}))
+    return branches
+
+
+def chain(records: list[dict], choices: list[dict]) -> dict:
+    """The four links (see the module docstring) from the evaluation's records and the continued choices."""
+    by_arm = {arm: {r["problem_id"]: r for r in records if r["arm"] == arm} for arm in ("base", "steered")}
+    problems = sorted(by_arm["base"])
+    steered = [by_arm["steered"][p] for p in problems]
+    base_wrong = [p for p in problems if not by_arm["base"][p]["correct"]]
+    pairs: dict[tuple, dict[str, bool]] = defaultdict(dict)
+    for c in choices:
+        pairs[c["problem_id"], c["position"]][c["choice"]] = bool(c["correct"])
+    complete = [v for v in pairs.values() if len(v) == 2]
+    head_only = sum(v["head"] and not v["base"] for v in complete)
+    base_only = sum(v["base"] and not v["head"] for v in complete)
+    outcome = mcnemar([by_arm["base"][p]["correct"] for p in problems], [r["correct"] for r in steered])
+    return {
+        "problems": len(problems),
+        "gate": {
+            "gated_per_completion": float(np.mean([r["gated"] for r in steered])),
+            "gated_share_of_steps": sum(r["gated"] for r in steered) / max(1, sum(r["steps"] for r in steered)),
+            "completions_without_a_gated_step": sum(r["gated"] == 0 for r in steered) / len(steered),
+            "gated_per_completion_where_base_fails": float(np.mean(
+                [by_arm["steered"][p]["gated"] for p in base_wrong])) if base_wrong else None,
+        },
+        "change": {
+            "changed_per_completion": float(np.mean([r["changed"] for r in steered])),
+            "changed_share_of_gated": sum(r["changed"] for r in steered) / max(1, sum(r["gated"] for r in steered)),
+            "completions_with_a_change": sum(r["changed"] > 0 for r in steered) / len(steered),
+        },
+        "choice": {
+            "changed_steps_continued": len(complete),
+            "head_choice_succeeds": sum(v["head"] for v in complete) / max(1, len(complete)),
+            "base_choice_succeeds": sum(v["base"] for v in complete) / max(1, len(complete)),
+            "head_only": head_only, "base_only": base_only,
+            "p_value": mcnemar([v["base"] for v in complete], [v["head"] for v in complete])["p_value"],
+        },
+        "outcome": {
+            "base_accuracy": sum(by_arm["base"][p]["correct"] for p in problems) / len(problems),
+            "steered_accuracy": sum(r["correct"] for r in steered) / len(steered),
+            "base_truncated": sum(by_arm["base"][p]["finish_reason"] == "length" for p in problems) / len(problems),
+            "steered_truncated": sum(r["finish_reason"] == "length" for r in steered) / len(steered),
+            **outcome,
+        },
+    }
+
+
+def diagnose(model, tokenizer, head: CorrectionHead, problems, out: Path, per_completion: int, seed: int) -> dict:
+    greedy = EvalSettings(samples=1, batch_size=64, seed=seed,
+                          decoding=DecodingSettings(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS))
+    evaluate(model, tokenizer, {"validation": problems}, out / "eval", greedy, head=head, trace_top_k=head.top_k,
+             progress=False)
+    folder = PredictionFolder(out / "eval")
+    records = folder.records()
+    prompts = {p.id: encode_prompt(tokenizer, build_prompt(tokenizer, p.question, greedy.instruction))
+               for p in problems}
+    branches = choice_branches({r["problem_id"]: r for r in records}, folder.traces(), prompts, per_completion)
+    decoding = BranchDecoding(MAX_NEW_TOKENS, seed=seed)
+    processor = steering(model, head)
+    job = Job(label="choices", unit="branch", folder=ChoiceFolder(out / "choices"),
+              settings={"model": model.name_or_path, "per_completion": per_completion, "seed": seed},
+              units=branches, unit_keys=lambda b: [b.unit_key()],
+              batches=lambda pending: branch_batches(pending, 64),
+              work=lambda batch: continue_branches(model, tokenizer, batch, decoding, processor))
+    choices = run_job(job, progress=False).records
+    return chain(records, choices)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--heads", type=Path, required=True, help="Folder holding head folders (benches/heads.py).")
+    parser.add_argument("--per-completion", type=int, default=3, help="Changed steps continued per completion.")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    model, tokenizer = load_model(args.model, device="cpu", dtype=torch.float32)
+    problems = load_problems(args.data)[100:200]
+    report = {"command": f"python benches/onpolicy_diagnosis.py --model {args.model} --data {args.data} --heads "
+                         f"{args.heads}", "problems": "validation slice (100-199)", "heads": {}}
+    for folder in sorted(p for p in args.heads.iterdir() if (p / "head.safetensors").exists()):
+        head = CorrectionHead.from_pretrained(folder)
+        out = ROOT / "runs" / f"onpolicy-{args.data.stem}" / folder.name
+        report["heads"][folder.name] = {"tau": head.tau, "top_k": head.top_k, "scale": head.scale,
+                                        **diagnose(model, tokenizer, head, problems, out, args.per_completion,
+                                                   args.seed)}
+        print(folder.name, json.dumps(report["heads"][folder.name], indent=1))
+    atomic_write_json(ROOT / "results" / f"onpolicy-{Path(args.model).name}-{args.data.stem}.json", report)
+
+
+if __name__ == "__main__":
+    main()

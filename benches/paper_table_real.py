@@ -1,0 +1,281 @@
+"""The paper's table on a real model: base, GRPO and two heads on two task families, with compute, power, footprint
+and intervention.
+
+    pip install -e ".[rl,analysis]"
+    python benches/grpo_real.py --family arithmetic            # first: the GRPO baseline (hours; resumable)
+    python benches/paper_table_real.py --family arithmetic     # then this (resumable); the same for word_problems
+
+A family's file (`benches/data/<family>.jsonl`) is split by position: the first 100 problems for the heads'
+rollouts, the next 100 for validation (GRPO's stopping, and the power pilot here), the last 200 held out for the
+table. Steps, each resuming in `benches/runs/table-<family>`:
+
+1. the heads (`benches/heads.py`): 8 rollouts per problem at temperature 0.6, scoring, branch labels, and a head from
+   rollout advantages and one from branch labels, with the library's default training settings (no tuning);
+2. the number of samples N: a pilot on the validation problems (4 samples at temperature 0.6, every arm) measures,
+   for each arm against base, the variance of the per-problem difference between problems and within them; N is
+   the least that detects a 5-point difference over 200 problems at p < 0.05 with 80% power, for every arm (at most
+   `--max-samples`);
+3. base, GRPO and both heads on the held-out problems, greedy and avg@N at temperature 0.6, each paired against
+   base (exact McNemar greedy, sign-flip permutation over per-problem means for avg@N);
+4. `steer analyze footprint` of GRPO against base (its samples on the held-out problems) and `steer analyze
+   intervene` (greedy), gated at the advantage head's tau.
+
+Writes `benches/results/paper_table_real-<family>.json`, then `benches/results/paper_table_real.md`, `.json` and
+`.png` from every family done so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from heads import make_heads
+
+from steer.analysis.footprint import footprint
+from steer.analysis.intervention import intervene
+from steer.files import atomic_write_json, atomic_write_text
+from steer.models import load_model
+from steer.pipeline.evaluation import Arm, evaluate
+from steer.pipeline.folders.predictions import PredictionFolder
+from steer.pipeline.problems import load_problems
+from steer.settings import (
+    DecodingSettings,
+    EvalSettings,
+    FootprintSettings,
+    LabelSettings,
+    RolloutSettings,
+)
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+FAMILIES = ("arithmetic", "word_problems")
+MAX_NEW_TOKENS = 96
+EFFECT, ALPHA, POWER = 0.05, 0.05, 0.8
+Z = 1.959964 + 0.841621  # two-sided alpha 0.05, power 0.8
+
+
+def required_samples(records: list[dict], arms: list[str], problems: int, max_samples: int) -> dict:
+    """Samples per problem that detect an `EFFECT` difference of each arm against base over `problems` problems.
+
+    With per-problem means over N paired samples (sample s of every arm shares its random draws), the variance of
+    the mean difference is (B + W / N) / problems: B the variance of the problems' true differences, W the mean
+    variance of one sample's difference within a problem. The pilot's records estimate W (per problem, over its
+    samples) and B (the variance of the pilot's per-problem means, less W over the pilot's samples)."""
+    outcome: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for r in records:
+        outcome[r["arm"], r["problem_id"]][r["sample"]] = float(r["correct"])
+    ids = sorted({pid for _, pid in outcome})
+    target = problems * (EFFECT / Z) ** 2
+    report = {}
+    for arm in arms:
+        x = np.array([[outcome[arm, pid][s] - outcome["base", pid][s] for s in sorted(outcome["base", pid])]
+                      for pid in ids])
+        pilot = x.shape[1]
+        within = float(x.var(axis=1, ddof=1).mean())
+        between = max(0.0, float(x.mean(axis=1).var(ddof=1)) - within / pilot)
+        needed = math.ceil(within / (target - between)) if target > between else None
+        report[arm] = {"between": between, "within": within, "pilot_samples": pilot,
+                       "samples": None if needed is None else max(1, needed)}
+    wanted = [r["samples"] for r in report.values()]
+    chosen = max_samples if None in wanted else min(max_samples, max(wanted))
+    return {"arms": report, "samples": chosen, "problems": problems, "effect": EFFECT, "alpha": ALPHA, "power": POWER,
+            "capped": None in wanted or max(wanted) > max_samples}
+
+
+def eval_settings(samples: int, temperature: float, seed: int) -> EvalSettings:
+    return EvalSettings(samples=samples, batch_size=64, seed=seed,
+                        decoding=DecodingSettings(temperature=temperature, max_new_tokens=MAX_NEW_TOKENS))
+
+
+def arm_rows(summary: dict) -> dict:
+    """Accuracy, interval and the paired test against base, per arm, from an evaluation summary."""
+    arms, paired = summary["arms"], summary["paired"]
+    return {arm: {"accuracy": a["accuracy"], "interval_95": a["interval_95"], "truncated": a["truncated"],
+                  "gated_fraction": a["gated_fraction"], "changed_fraction": a["changed_fraction"],
+                  "difference": paired.get(arm, {}).get("difference"), "p_value": paired.get(arm, {}).get("p_value")}
+            for arm, a in arms.items()}
+
+
+def run_family(family: str, model_path: str, seed: int, max_samples: int) -> dict:
+    problems = load_problems(ROOT / "data" / f"{family}.jsonl")
+    train, validation, test = problems[:100], problems[100:200], problems[-200:]
+    grpo_result_path = RESULTS / f"grpo-{Path(model_path).name}-{family}.json"
+    if not grpo_result_path.exists():
+        raise SystemExit(f"no GRPO baseline for {family}: run `python benches/grpo_real.py --family {family}` first")
+    grpo = json.loads(grpo_result_path.read_text())
+    grpo_dir = Path(grpo["model"])
+    out = ROOT / "runs" / f"table-{family}"
+    model, tokenizer = load_model(model_path, device="cpu", dtype=torch.float32)
+    rl, _ = load_model(grpo_dir, device="cpu", dtype=torch.float32)
+    decoding = DecodingSettings(temperature=0.6, max_new_tokens=MAX_NEW_TOKENS)
+    heads = make_heads(model, tokenizer, train, out / "heads",
+                       RolloutSettings(samples=8, batch_size=64, seed=seed, decoding=decoding),
+                       LabelSettings(max_new_tokens=MAX_NEW_TOKENS, seed=seed))
+    arms = [Arm("base", model), *(Arm.steered(model, run.head, name) for name, run in heads.items()), Arm("grpo", rl)]
+    others = [arm.name for arm in arms if arm.name != "base"]
+
+    evaluate(model, tokenizer, {"validation": validation}, out / "pilot", eval_settings(4, 0.6, seed), arms=arms)
+    power = required_samples(PredictionFolder(out / "pilot").records(), others, len(test), max_samples)
+    greedy = evaluate(model, tokenizer, {"test": test}, out / "greedy", eval_settings(1, 0.0, seed), arms=arms)
+    sampled = evaluate(model, tokenizer, {"test": test}, out / "sampled", eval_settings(power["samples"], 0.6, seed),
+                       arms=arms)
+    tau = heads["advantage head"].head.tau
+    rl_samples = RolloutSettings(samples=2, batch_size=64, seed=seed, decoding=decoding)
+    fp = footprint(model, rl, tokenizer, test, out / "footprint", FootprintSettings(rollouts=rl_samples)).report
+    iv = intervene(model, rl, tokenizer, {"test": test}, out / "intervene", eval_settings(1, 0.0, seed), tau=tau)
+
+    grpo_flops, grpo_seconds = grpo["best"]["flops"], grpo["best"]["train_seconds"]
+    trained = grpo["best"]["step"] > 0  # GRPO's best model is the base model when no step beat it on validation
+    compute = {"grpo": {"flops": grpo_flops, "seconds": grpo_seconds, "step": grpo["best"]["step"],
+                        "median_step_seconds_x_steps": grpo["best"].get("median_step_seconds_x_steps")}}
+    for name, run in heads.items():
+        compute[name] = {"flops": run.flops, "seconds": run.seconds, "tokens": run.tokens, "tau": run.head.tau,
+                         "ratio_flops": run.flops / grpo_flops if trained else None,
+                         "ratio_seconds": run.seconds / grpo_seconds if trained else None}
+    gate = min(fp.gate, key=lambda g: abs(g.tau - tau))
+    record = {
+        "family": family, "model": model_path, "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} "
+        "threads)", "problems": {"train": len(train), "validation": len(validation), "test": len(test)},
+        "power": power,
+        "greedy": arm_rows(greedy.to_json()["benchmarks"]["test"]),
+        "sampled": arm_rows(sampled.to_json()["benchmarks"]["test"]),
+        "compute": compute,
+        "footprint": {"positions": fp.positions, "differ_fraction": fp.differ_fraction, "rank_share": fp.rank_share,
+                      "rank_share_differing": fp.rank_share_differing, "entropy": asdict(fp.entropy),
+                      "gate_at_tau": asdict(gate)},
+        "intervention": {"tau": iv.tau, "arms": {arm: asdict(row) for arm, row in iv.benchmarks["test"].items()}},
+        "grpo": {key: grpo[key] for key in ("best", "total", "settings", "train_problems", "validation_problems")},
+    }
+    record["goals"] = goals(record)
+    atomic_write_json(RESULTS / f"paper_table_real-{family}.json", record)
+    return record
+
+
+def goals(record: dict) -> dict[str, dict]:
+    """The issue's goals for one family, each `met` or not, with the figures it rests on."""
+    rows, compute = record["sampled"], record["compute"]
+    gain = rows["grpo"]["difference"]
+    rl_gain = gain is not None and gain > 0 and rows["grpo"]["p_value"] < ALPHA
+    checks = {}
+    for name in ("advantage head", "branch head"):
+        row = rows[name]
+        recovered = row["difference"] / gain if rl_gain else None
+        checks[f"{name}: at least half of GRPO's gain at <= 1/10 of its compute, p < 0.05"] = {
+            "met": bool(rl_gain and recovered >= 0.5 and row["p_value"] < ALPHA
+                        and compute[name]["ratio_flops"] is not None and compute[name]["ratio_flops"] <= 0.1),
+            "recovered": recovered, "difference": row["difference"], "p_value": row["p_value"],
+            "ratio_flops": compute[name]["ratio_flops"],
+            "note": None if rl_gain else "no RL gain to recover: GRPO's own gain is not significant",
+        }
+        checks[f"{name}: does not lower held-out accuracy significantly"] = {
+            "met": not (row["difference"] < 0 and row["p_value"] < ALPHA),
+            "difference": row["difference"], "p_value": row["p_value"],
+        }
+    return checks
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def signed(row: dict) -> str:
+    if row["difference"] is None:
+        return "-"
+    return f"{row['difference']:+.3f} (p = {row['p_value']:.2g})"
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["# The paper's table on a real model", ""]
+    for r in records:
+        s, g, c, fp, iv = r["sampled"], r["greedy"], r["compute"], r["footprint"], r["intervention"]
+        n = r["power"]["samples"]
+        lines += [
+            f"## {r['model'].split('/')[-1]} on {r['family']} ({r['problems']['test']} held-out problems)",
+            "",
+            f"avg@{n} at temperature 0.6 (N from the power pilot: a 5-point difference at p < 0.05 with 80% power"
+            f"{'; capped' if r['power']['capped'] else ''}), and greedy. Differences are paired against base.",
+            "",
+            f"| arm | avg@{n} | vs base | greedy | vs base | compute (FLOPs) | compute (s) | / GRPO (FLOPs) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines.append(f"| base | {s['base']['accuracy']:.3f} | - | {g['base']['accuracy']:.3f} | - | - | - | - |")
+        for arm in ("grpo", "advantage head", "branch head"):
+            cost = c[arm]
+            ratio = "1" if arm == "grpo" else "-" if cost["ratio_flops"] is None else f"{cost['ratio_flops']:.4f}"
+            lines.append(f"| {arm} | {s[arm]['accuracy']:.3f} | {signed(s[arm])} | {g[arm]['accuracy']:.3f} | "
+                         f"{signed(g[arm])} | {cost['flops']:.3g} | {cost['seconds']:.0f} | {ratio} |")
+        gate = fp["gate_at_tau"]
+        lines += [
+            "",
+            f"Footprint of GRPO (its samples, teacher-forced): top-1 differs at {percent(fp['differ_fraction'])} of "
+            f"{fp['positions']} positions (paper: 1-3%); GRPO's choice in the base top-5 at "
+            f"{percent(fp['rank_share']['5'])} of all positions and "
+            f"{percent((fp['rank_share_differing'] or {}).get('5'))} of changed ones (paper: all); base entropy where "
+            "they differ "
+            f"{'-' if fp['entropy']['ratio'] is None else format(fp['entropy']['ratio'], '.1f') + 'x'} the mean; gate "
+            f"entropy > {gate['tau']}: precision {percent(gate['precision'])}, recall {percent(gate['recall'])}.",
+            "",
+            f"Intervention (greedy; GRPO's top-1 substituted into base decoding where base entropy > {iv['tau']:.3f}):",
+            "",
+            "| arm | accuracy | substituted steps | RL gain recovered |",
+            "|---|---|---|---|",
+            *(f"| {arm} | {row['accuracy']:.3f} | {percent(row['gated']) if arm in ('gated', 'random') else '-'} | "
+              f"{percent(row.get('recovered'))} |" for arm, row in iv["arms"].items()),
+            "",
+            "Goals:",
+            "",
+            *(f"- {'met' if check['met'] else 'NOT met'}: {goal}"
+              + (f" ({check['note']})" if check.get("note") else "") for goal, check in r["goals"].items()),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Held-out avg@N of each arm per family, with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = ("base", "grpo", "advantage head", "branch head")
+    fig, axes = plt.subplots(1, len(records), figsize=(4.5 * len(records), 3.5), squeeze=False)
+    for ax, r in zip(axes[0], records):
+        rows = r["sampled"]
+        values = [rows[a]["accuracy"] for a in arms]
+        errors = [[v - rows[a]["interval_95"][0] for v, a in zip(values, arms)],
+                  [rows[a]["interval_95"][1] - v for v, a in zip(values, arms)]]
+        ax.bar(range(len(arms)), values, yerr=errors, capsize=4, color=["C7", "C3", "C0", "C2"])
+        ax.set_xticks(range(len(arms)), [a.replace(" head", "\nhead") for a in arms])
+        ax.set(title=f"{r['family']} (avg@{r['power']['samples']})", ylabel="held-out accuracy", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-samples", type=int, default=16)
+    args = parser.parse_args()
+    run_family(args.family, args.model, args.seed, args.max_samples)
+    records = [json.loads(p.read_text()) for family in FAMILIES
+               if (p := RESULTS / f"paper_table_real-{family}.json").exists()]
+    atomic_write_json(RESULTS / "paper_table_real.json", {
+        "command": "python benches/paper_table_real.py --family FAMILY", "families": records})
+    atomic_write_text(RESULTS / "paper_table_real.md", markdown(records))
+    plot(records, RESULTS / "paper_table_real.png")
+    print(markdown(records))
+
+
+if __name__ == "__main__":
+    main()
