@@ -31,7 +31,7 @@ import json
 import math
 import platform
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,6 @@ from steer.settings import (
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 FAMILIES = ("arithmetic", "word_problems")
-MAX_NEW_TOKENS = 96
 EFFECT, ALPHA, POWER = 0.05, 0.05, 0.8
 Z = 1.959964 + 0.841621  # two-sided alpha 0.05, power 0.8
 
@@ -89,9 +88,30 @@ def required_samples(records: list[dict], arms: list[str], problems: int, max_sa
             "capped": None in wanted or max(wanted) > max_samples}
 
 
-def eval_settings(samples: int, temperature: float, seed: int) -> EvalSettings:
-    return EvalSettings(samples=samples, batch_size=64, seed=seed,
-                        decoding=DecodingSettings(temperature=temperature, max_new_tokens=MAX_NEW_TOKENS))
+@dataclass(frozen=True)
+class Table:
+    """One family's run: the problem file and its split (first `train` for the heads' rollouts, next `validation`
+    for the pilot, last `test` held out), sampling, and where things go."""
+
+    family: str
+    model: str
+    data: Path
+    grpo_result: Path
+    out: Path
+    train: int = 100
+    validation: int = 100
+    test: int = 200
+    rollout_samples: int = 8
+    pilot_samples: int = 4
+    max_samples: int = 16
+    max_new_tokens: int = 96
+    instruction: str | None = None  # the library's default
+    seed: int = 0
+
+    def eval_settings(self, samples: int, temperature: float) -> EvalSettings:
+        extra = {} if self.instruction is None else {"instruction": self.instruction}
+        return EvalSettings(samples=samples, batch_size=64, seed=self.seed, **extra,
+                            decoding=DecodingSettings(temperature=temperature, max_new_tokens=self.max_new_tokens))
 
 
 def arm_rows(summary: dict) -> dict:
@@ -103,33 +123,36 @@ def arm_rows(summary: dict) -> dict:
             for arm, a in arms.items()}
 
 
-def run_family(family: str, model_path: str, seed: int, max_samples: int) -> dict:
-    problems = load_problems(ROOT / "data" / f"{family}.jsonl")
-    train, validation, test = problems[:100], problems[100:200], problems[-200:]
-    grpo_result_path = RESULTS / f"grpo-{Path(model_path).name}-{family}.json"
-    if not grpo_result_path.exists():
-        raise SystemExit(f"no GRPO baseline for {family}: run `python benches/grpo_real.py --family {family}` first")
-    grpo = json.loads(grpo_result_path.read_text())
-    grpo_dir = Path(grpo["model"])
-    out = ROOT / "runs" / f"table-{family}"
-    model, tokenizer = load_model(model_path, device="cpu", dtype=torch.float32)
-    rl, _ = load_model(grpo_dir, device="cpu", dtype=torch.float32)
-    decoding = DecodingSettings(temperature=0.6, max_new_tokens=MAX_NEW_TOKENS)
+def run_family(table: Table) -> dict:
+    problems = load_problems(table.data)
+    train, validation = problems[: table.train], problems[table.train : table.train + table.validation]
+    test = problems[-table.test :]
+    if not table.grpo_result.exists():
+        raise SystemExit(f"no GRPO baseline at {table.grpo_result}: run `python benches/grpo_real.py --family "
+                         f"{table.family}` first")
+    grpo = json.loads(table.grpo_result.read_text())
+    out = table.out
+    model, tokenizer = load_model(table.model, device="cpu", dtype=torch.float32)
+    rl, _ = load_model(grpo["model"], device="cpu", dtype=torch.float32)
+    decoding = DecodingSettings(temperature=0.6, max_new_tokens=table.max_new_tokens)
+    extra = {} if table.instruction is None else {"instruction": table.instruction}
     heads = make_heads(model, tokenizer, train, out / "heads",
-                       RolloutSettings(samples=8, batch_size=64, seed=seed, decoding=decoding),
-                       LabelSettings(max_new_tokens=MAX_NEW_TOKENS, seed=seed))
+                       RolloutSettings(samples=table.rollout_samples, batch_size=64, seed=table.seed,
+                                       decoding=decoding, **extra),
+                       LabelSettings(max_new_tokens=table.max_new_tokens, seed=table.seed))
     arms = [Arm("base", model), *(Arm.steered(model, run.head, name) for name, run in heads.items()), Arm("grpo", rl)]
     others = [arm.name for arm in arms if arm.name != "base"]
 
-    evaluate(model, tokenizer, {"validation": validation}, out / "pilot", eval_settings(4, 0.6, seed), arms=arms)
-    power = required_samples(PredictionFolder(out / "pilot").records(), others, len(test), max_samples)
-    greedy = evaluate(model, tokenizer, {"test": test}, out / "greedy", eval_settings(1, 0.0, seed), arms=arms)
-    sampled = evaluate(model, tokenizer, {"test": test}, out / "sampled", eval_settings(power["samples"], 0.6, seed),
+    evaluate(model, tokenizer, {"validation": validation}, out / "pilot",
+             table.eval_settings(table.pilot_samples, 0.6), arms=arms)
+    power = required_samples(PredictionFolder(out / "pilot").records(), others, len(test), table.max_samples)
+    greedy = evaluate(model, tokenizer, {"test": test}, out / "greedy", table.eval_settings(1, 0.0), arms=arms)
+    sampled = evaluate(model, tokenizer, {"test": test}, out / "sampled", table.eval_settings(power["samples"], 0.6),
                        arms=arms)
     tau = heads["advantage head"].head.tau
-    rl_samples = RolloutSettings(samples=2, batch_size=64, seed=seed, decoding=decoding)
+    rl_samples = RolloutSettings(samples=2, batch_size=64, seed=table.seed, decoding=decoding, **extra)
     fp = footprint(model, rl, tokenizer, test, out / "footprint", FootprintSettings(rollouts=rl_samples)).report
-    iv = intervene(model, rl, tokenizer, {"test": test}, out / "intervene", eval_settings(1, 0.0, seed), tau=tau)
+    iv = intervene(model, rl, tokenizer, {"test": test}, out / "intervene", table.eval_settings(1, 0.0), tau=tau)
 
     grpo_flops, grpo_seconds = grpo["best"]["flops"], grpo["best"]["train_seconds"]
     trained = grpo["best"]["step"] > 0  # GRPO's best model is the base model when no step beat it on validation
@@ -141,8 +164,9 @@ def run_family(family: str, model_path: str, seed: int, max_samples: int) -> dic
                          "ratio_seconds": run.seconds / grpo_seconds if trained else None}
     gate = min(fp.gate, key=lambda g: abs(g.tau - tau))
     record = {
-        "family": family, "model": model_path, "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} "
-        "threads)", "problems": {"train": len(train), "validation": len(validation), "test": len(test)},
+        "family": table.family, "model": table.model,
+        "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "problems": {"train": len(train), "validation": len(validation), "test": len(test)},
         "power": power,
         "greedy": arm_rows(greedy.to_json()["benchmarks"]["test"]),
         "sampled": arm_rows(sampled.to_json()["benchmarks"]["test"]),
@@ -154,7 +178,6 @@ def run_family(family: str, model_path: str, seed: int, max_samples: int) -> dic
         "grpo": {key: grpo[key] for key in ("best", "total", "settings", "train_problems", "validation_problems")},
     }
     record["goals"] = goals(record)
-    atomic_write_json(RESULTS / f"paper_table_real-{family}.json", record)
     return record
 
 
@@ -266,14 +289,26 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-samples", type=int, default=16)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="Where the tables go (default: %(default)s).")
+    parser.add_argument("--grpo-result", type=Path, help="GRPO's result (default: the one grpo_real.py writes).")
+    parser.add_argument("--smoke", action="store_true", help="A few problems and samples, to check the script runs.")
     args = parser.parse_args()
-    run_family(args.family, args.model, args.seed, args.max_samples)
+    model_name = Path(args.model).name
+    table = Table(args.family, args.model, ROOT / "data" / f"{args.family}.jsonl",
+                  args.grpo_result or RESULTS / f"grpo-{model_name}-{args.family}.json",
+                  ROOT / "runs" / f"table-{args.family}",
+                  max_samples=args.max_samples, seed=args.seed)
+    if args.smoke:
+        table = replace(table, out=ROOT / "runs" / f"table-smoke-{args.family}", train=12, validation=6, test=8,
+                        rollout_samples=4, pilot_samples=2, max_samples=2, max_new_tokens=48)
+    record = run_family(table)
+    atomic_write_json(args.results / f"paper_table_real-{args.family}.json", record)
     records = [json.loads(p.read_text()) for family in FAMILIES
-               if (p := RESULTS / f"paper_table_real-{family}.json").exists()]
-    atomic_write_json(RESULTS / "paper_table_real.json", {
+               if (p := args.results / f"paper_table_real-{family}.json").exists()]
+    atomic_write_json(args.results / "paper_table_real.json", {
         "command": "python benches/paper_table_real.py --family FAMILY", "families": records})
-    atomic_write_text(RESULTS / "paper_table_real.md", markdown(records))
-    plot(records, RESULTS / "paper_table_real.png")
+    atomic_write_text(args.results / "paper_table_real.md", markdown(records))
+    plot(records, args.results / "paper_table_real.png")
     print(markdown(records))
 
 
