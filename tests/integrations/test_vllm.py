@@ -266,6 +266,7 @@ def test_eval_engine_vllm_matches_hf(tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
         records = [json.loads(line) for line in (folder / engine / "predictions.jsonl").read_text().splitlines()]
-        outputs[engine] = {(r["problem_id"], r["arm"]): r["completion"] for r in records}
-    assert outputs["vllm"] == outputs["hf"]
-    assert any(outputs["hf"][p, "steered"] != outputs["hf"][p, "base"] for p, _ in outputs["hf"])
+        outputs[engine] = {(r["problem_id"], r["arm"]): (r["completion"], r["gated"], r["changed"]) for r in records}
+    assert outputs["vllm"] == outputs["hf"], "completions or their per-sequence steering counts differ"
+    assert any(outputs["hf"][p, "steered"][0] != outputs["hf"][p, "base"][0] for p, _ in outputs["hf"])
+    assert all(outputs["hf"][p, "steered"][1] > 0 for p, _ in outputs["hf"])

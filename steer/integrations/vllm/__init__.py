@@ -58,6 +58,8 @@ STEERED_PREFIX = "Steer"
 HEAD_KEY = "steer_head"
 ENABLED_KEY = "steer_enabled"
 WORKER_EXTENSION = "steer.integrations.vllm.worker.SteerWorkerExtension"
+SEQUENCE_COUNTER = "steer.integrations.vllm.worker:SequenceCounter"
+SEQUENCE_KEY = "steer_key"  # SamplingParams.extra_args key of a request whose steered steps are counted
 CPU_KV_CACHE_BYTES = 2 << 30  # vLLM's CPU default sizes the cache from all of the machine's memory, and fails
 
 
@@ -151,17 +153,20 @@ def steer_overrides(model: str, head: str | Path | CorrectionHead, enabled: bool
 
 
 def engine_defaults(llm_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Defaults a steered engine adds to the user's arguments: the worker extension that reads its counters, and on
-    a CPU a KV cache of `CPU_KV_CACHE_BYTES` unless one is given."""
+    """Defaults a steered engine adds to the user's arguments: the worker extension that reads its counters, the
+    logits processor that counts steered steps per sequence, and on a CPU a KV cache of `CPU_KV_CACHE_BYTES` unless
+    one is given."""
     import os
 
     from vllm.platforms import current_platform
 
-    defaults: dict[str, Any] = {"worker_extension_cls": WORKER_EXTENSION}
-    sized = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & llm_kwargs.keys()
+    kwargs = dict(llm_kwargs)
+    processors = [*(kwargs.pop("logits_processors", None) or []), SEQUENCE_COUNTER]
+    defaults: dict[str, Any] = {"worker_extension_cls": WORKER_EXTENSION, "logits_processors": processors}
+    sized = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & kwargs.keys()
     if current_platform.is_cpu() and not sized and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         defaults["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-    return {**defaults, **llm_kwargs}
+    return {**defaults, **kwargs}
 
 
 def check_engine_arguments(llm_kwargs: dict[str, Any]) -> None:

@@ -4,19 +4,20 @@
 Each prompt is decoded with its own seed (`SamplingParams(seed=...)`, derived from the run's seed, the problem and
 the sample), so a sample is the same whatever batch it lands in, and a resumed run reproduces what it redoes. The
 run folders are those of the transformers engine; the run's settings record the engine, so that a run cannot
-resume on the other one. vLLM does not say which steps of a sequence steering acted on, so the steered records'
-`gated` and `changed` are `None` (the engine's totals: [`steering_stats`]).
+resume on the other one. A steered sequence's gated and changed steps are counted in the workers
+([`steer.integrations.vllm.worker.SequenceCounter`]) and read back after each batch.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
-from steer.integrations.vllm import set_steering
+from steer.integrations.vllm import SEQUENCE_KEY, set_steering
 from steer.pipeline.decoding import Completion
 from steer.settings import DecodingSettings
 
@@ -50,19 +51,32 @@ class VllmDecoder:
         if self.steered is not None:
             set_steering(self.llm, self.steered)
         greedy = settings.temperature == 0
+        keys = [f"{uuid.uuid4().hex}-{i}" for i in range(len(prompt_ids))] if self.steered else None
         params = [SamplingParams(temperature=0.0 if greedy else settings.temperature,
                                  top_p=1.0 if greedy else settings.top_p, max_tokens=settings.max_new_tokens,
-                                 seed=seed % 2**63) for seed in seeds]
+                                 seed=seed % 2**63, extra_args={SEQUENCE_KEY: keys[i]} if keys else None)
+                  for i, seed in enumerate(seeds)]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids], params,
                                     use_tqdm=False)
-        return [self._completion(output.outputs[0]) for output in outputs]
+        counts = self._sequence_counts(keys) if keys else {}
+        return [self._completion(output.outputs[0], counts.get(key, (0, 0)) if keys else (0, 0))
+                for output, key in zip(outputs, keys or [None] * len(outputs))]
 
-    def _completion(self, output: Any) -> Completion:
+    def _sequence_counts(self, keys: list[str]) -> dict[str, tuple[int, int]]:
+        """Gated and changed steps per sequence, summed over the workers."""
+        counts: dict[str, list[int]] = {}
+        for worker in self.llm.collective_rpc("steer_sequence_counts", args=(keys,)):
+            for key, (gated, changed) in worker.items():
+                total = counts.setdefault(key, [0, 0])
+                total[0] += gated
+                total[1] += changed
+        return {key: (gated, changed) for key, (gated, changed) in counts.items()}
+
+    def _completion(self, output: Any, counts: tuple[int, int]) -> Completion:
         token_ids = list(output.token_ids)
         finish = "stop" if output.finish_reason == "stop" else "length"
-        counted = None if self.steered else 0  # vLLM does not say which steps of a steered sequence were gated
         return Completion(self.tokenizer.decode(token_ids, skip_special_tokens=True), token_ids, finish,
-                          gated=counted, changed=counted)
+                          gated=counts[0], changed=counts[1])
 
     def run_settings(self) -> dict[str, Any]:
         return {"engine": "vllm"}

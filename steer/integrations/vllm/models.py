@@ -27,6 +27,10 @@ from steer.functional import steer_logits
 from steer.head import CorrectionHead
 from steer.integrations.vllm import ENABLED_KEY, HEAD_KEY, check_engine_arguments
 
+latest_masks: tuple[torch.Tensor, torch.Tensor] | None = None
+"""The gated and changed rows of the latest steered `compute_logits` in this process (a worker holds one model), for
+[`steer.integrations.vllm.worker.SequenceCounter`], which vLLM runs next on the same rows."""
+
 
 class SteeredModel:
     """The steering part of a `Steer<Architecture>` class; its other base is the vLLM model class it steers."""
@@ -65,6 +69,8 @@ class SteeredModel:
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         logits = super().compute_logits(hidden_states)
+        global latest_masks
+        latest_masks = None
         if logits is None or not self.steer_enabled or logits.shape[0] == 0:
             return logits
         head = self.steer_head
@@ -74,6 +80,7 @@ class SteeredModel:
         counts[0] += 1
         counts[1] += logits.shape[0]
         counts[2:] += torch.stack([out.gated.sum(), out.changed.sum()])
+        latest_masks = (out.gated, out.changed)
         return out.logits
 
 

@@ -34,7 +34,7 @@ def server_arguments(model: str, head: str, host: str, port: int, vllm_args: Seq
     args = parser.parse_args(["--model", model, "--host", host, "--port", str(port), *vllm_args])
     check_engine_arguments(vars(args))
     args.hf_overrides = {**(args.hf_overrides or {}), **steer_overrides(model, head)}
-    given = {name: value for name in ("worker_extension_cls", "kv_cache_memory_bytes")
+    given = {name: value for name in ("worker_extension_cls", "kv_cache_memory_bytes", "logits_processors")
              if (value := getattr(args, name)) is not None}
     for name, value in engine_defaults(given).items():
         setattr(args, name, value)
