@@ -60,7 +60,7 @@ def results_table(summary: EvalSummary) -> list[str]:
         for arm, a in benchmark.arms.items():
             low, high = a.interval_95
             passes = " ".join(f"@{k}={v:.3f}" for k, v in a.pass_at_k.items() if k != "1")
-            acted = arm != "base" and (a.gated_fraction or 0) > 0
+            acted = arm != "base" and a.gated_fraction > 0
             rows.append((name, arm, str(a.problems), f"{a.accuracy:.3f}", f"[{low:.3f}, {high:.3f}]",
                          passes or "-", f"{a.gated_fraction:.1%}" if acted else "-",
                          f"{a.changed_fraction:.1%}" if acted else "-"))

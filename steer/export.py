@@ -253,7 +253,7 @@ def evaluation_lines(evaluation: Evaluation) -> list[str]:
         test = f"{paired.test} p = {paired.p_value:.3g}" if paired else "-"
         difference = f"{paired.difference:+.3f}" if paired else "-"
         lines.append(f"| {name} | {steered.problems} | {_accuracy(benchmark.arms.get('base'))} | "
-                     f"{_accuracy(steered)} | {difference} | {test} | {_share(steered.gated_fraction)} |")
+                     f"{_accuracy(steered)} | {difference} | {test} | {steered.gated_fraction:.1%} |")
     decoding = evaluation.settings.get("decoding", {})
     if decoding:
         mode = "greedy" if decoding.get("temperature") == 0 else (
@@ -268,7 +268,3 @@ def _accuracy(arm: ArmSummary | None) -> str:
         return "-"
     low, high = arm.interval_95
     return f"{arm.accuracy:.3f} [{low:.3f}, {high:.3f}]"
-
-
-def _share(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"

@@ -30,15 +30,14 @@ class Completion:
         token_ids (`list[int]`): the generated tokens, up to and including the end-of-sequence token if one came.
         finish_reason (`str`): `"stop"` (an end-of-sequence token) or `"length"` (`max_new_tokens` reached).
         gated (`int`), changed (`int`): steps of this sequence where the processor acted (the head's decision
-            points, or substitutions), and those where that changed the top-1 token (0 without a processor; `None`
-            where the engine does not count them per sequence).
+            points, or substitutions), and those where that changed the top-1 token (0 without a processor).
     """
 
     text: str
     token_ids: list[int]
     finish_reason: str
-    gated: int | None = 0
-    changed: int | None = 0
+    gated: int = 0
+    changed: int = 0
 
     @property
     def steps(self) -> int:

@@ -27,7 +27,7 @@ class ArmSummary:
             one sample per problem, else a bootstrap over problems.
         mean_tokens (`float`), truncated (`float`): mean generated tokens; share of decodes that ran out of tokens.
         gated_fraction (`float`), changed_fraction (`float`): shares of all steps where the arm's processor acted,
-            and where that changed the top-1 token (`None` where the engine does not count them per sequence).
+            and where that changed the top-1 token.
         pass_at_k (`dict[str, float]`): the unbiased pass@k for k up to the samples per problem (empty for one).
     """
 
@@ -37,8 +37,8 @@ class ArmSummary:
     interval_95: tuple[float, float]
     mean_tokens: float
     truncated: float
-    gated_fraction: float | None
-    changed_fraction: float | None
+    gated_fraction: float
+    changed_fraction: float
     pass_at_k: dict[str, float] = field(default_factory=dict)
 
 
@@ -156,18 +156,12 @@ def _arm_summary(by_problem: Mapping[str, list[dict]], samples: int) -> ArmSumma
         interval_95=tuple(interval),
         mean_tokens=steps / len(records),
         truncated=sum(r["finish_reason"] == "length" for r in records) / len(records),
-        gated_fraction=_step_share(records, "gated", steps),
-        changed_fraction=_step_share(records, "changed", steps),
+        gated_fraction=sum(r["gated"] for r in records) / steps if steps else 0.0,
+        changed_fraction=sum(r["changed"] for r in records) / steps if steps else 0.0,
         pass_at_k={
             str(k): sum(pass_at_k(counts[pid], correct[pid], k) for pid in by_problem) / len(by_problem) for k in ks
         },
     )
-
-
-def _step_share(records: Sequence[dict], name: str, steps: int) -> float | None:
-    if any(r[name] is None for r in records):
-        return None
-    return sum(r[name] for r in records) / steps if steps else 0.0
 
 
 def _paired(base: Mapping[str, list[dict]], other: Mapping[str, list[dict]], samples: int) -> PairedTest:
