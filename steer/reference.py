@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+CPU_ENTROPY_CHUNK = 2048  # vocabulary columns per pass of the entropy on the CPU
+
 
 class EntropyTopK(NamedTuple):
     """Per-row entropy and top-k candidates of a batch of logits.
@@ -93,20 +95,25 @@ def entropy_topk(logits: torch.Tensor, k: int) -> EntropyTopK:
     check_logits(logits, k)
     x = logits.float()
     values, indices = _topk(x, k)
-    return EntropyTopK(_entropy(x, torch.empty_like(x)), values, indices)
+    return EntropyTopK(_entropy(x), values, indices)
 
 
-def _entropy(x: torch.Tensor, workspace: torch.Tensor) -> torch.Tensor:
+def _entropy(x: torch.Tensor) -> torch.Tensor:
     """Row entropy from the softmax statistics: with z = x - max, d = sum e^z and s = sum z e^z, the entropy is
-    log d - s / d. `workspace` (float32, shaped like `x`) receives z; the only other large temporary is e^z. On the
-    CPU every large allocation costs page faults, so callers that need a `[B, V]` buffer afterwards pass it here."""
-    z = torch.sub(x, x.amax(dim=-1, keepdim=True), out=workspace)
-    # Entries more than 1e4 below the maximum (-inf included) have e^z = 0 in float32 either way; the clamp makes their
-    # z finite, so that z e^z is 0 rather than NaN. NaN (a NaN logit, or a row of only -inf) still propagates.
-    z.clamp_(min=-1e4)
-    e = z.exp()
-    d = e.sum(dim=-1)
-    s = e.mul_(z).sum(dim=-1)
+    log d - s / d. On the CPU the vocabulary is read in chunks of `CPU_ENTROPY_CHUNK` columns, so that the
+    temporaries stay in cache and no `[B, V]` buffer is allocated (each large allocation costs page faults: with a
+    `[64, 49152]` buffer a step took 19 ms on one core, in chunks 5 ms); elsewhere in one pass."""
+    maximum = x.amax(dim=-1, keepdim=True)
+    chunk = CPU_ENTROPY_CHUNK if x.device.type == "cpu" else x.shape[-1]
+    d = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    s = torch.zeros_like(d)
+    for start in range(0, x.shape[-1], chunk):
+        # Entries more than 1e4 below the maximum (-inf included) have e^z = 0 in float32 either way; the clamp makes
+        # their z finite, so that z e^z is 0 rather than NaN. NaN (a NaN logit, or a row of only -inf) propagates.
+        z = (x[:, start : start + chunk] - maximum).clamp_(min=-1e4)
+        e = z.exp()
+        d += e.sum(dim=-1)
+        s += e.mul_(z).sum(dim=-1)
     return d.log() - s / d
 
 
@@ -194,18 +201,14 @@ def steer_logits(
     """
     check_logits(logits, k)
     x = logits.float()
-    workspace = torch.empty_like(x)  # the entropy's scratch space, then (for float32 logits, copying) the output
-    entropy = _entropy(x, workspace)
+    entropy = _entropy(x)
     values, indices = _topk(x, k)
     gated = entropy > tau
     delta = candidate_deltas(correction, output_embedding, indices).masked_fill(~gated.unsqueeze(-1), 0.0)
     adjusted = values + delta
     # Ungated rows get their own top-k values written back: a bit-exact copy.
     new_values = torch.where(gated.unsqueeze(-1), adjusted, values).to(logits.dtype)
-    if inplace:
-        out = logits
-    else:
-        out = workspace.copy_(logits) if logits.dtype == torch.float32 else logits.clone()
+    out = logits if inplace else logits.clone()
     out.scatter_(-1, indices, new_values)
     changed = gated & (adjusted.argmax(dim=-1) != 0)
     return SteeredLogits(out, entropy, indices, delta, gated, changed)
