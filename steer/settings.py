@@ -19,9 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from steer.world.generator import INSTRUCTION as WORLD_INSTRUCTION
-
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+WORLD_INSTRUCTION = ""  # the built-in world's model was trained on bare questions
 OBJECTIVES = ("unlikelihood", "recipe")
 LABEL_SOURCES = ("advantage", "branches")
 PAPER_TAU = 1.4  # the paper's entropy gate (nats)

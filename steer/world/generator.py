@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steer.files import atomic_write_text
+from steer.settings import WORLD_INSTRUCTION
 
 LIST_LENGTH = 4
 SLOPPY_WEIGHT = 0.55
 TEST_SHARE = 0.2
 ALPHABET = "0123456789<>.,:? {}\\abcdefghijklmnopqrstuvwxyzW"
-INSTRUCTION = ""  # the world's model was trained on bare questions
+INSTRUCTION = WORLD_INSTRUCTION
 MODEL_DIR = Path(__file__).resolve().parent / "assets" / "world-model"
 
 
