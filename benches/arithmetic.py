@@ -10,14 +10,11 @@ is what rollouts need to contrast.
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-from pathlib import Path
+
+from families import write_family
 
 from steer.pipeline.problems import Problem
-
-DEFAULT_OUT = Path(__file__).parent / "data" / "arithmetic.jsonl"
 
 
 def arithmetic(count: int, seed: int = 0) -> list[Problem]:
@@ -51,18 +48,5 @@ def training_problems(count: int, held: list[Problem], seed: int = 1) -> list[Pr
     raise ValueError(f"only {len(problems)} distinct arithmetic problems outside the held ones; asked for {count}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    problems = arithmetic(args.count, args.seed)
-    lines = [json.dumps({"id": p.id, "question": p.question, "answer": p.gold}) for p in problems]
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {len(lines)} problems to {args.out}")
-
-
 if __name__ == "__main__":
-    main()
+    write_family(arithmetic, "arithmetic", __doc__.splitlines()[0])

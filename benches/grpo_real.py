@@ -28,6 +28,7 @@ import argparse
 import importlib
 from pathlib import Path
 
+from families import FAMILIES
 from grpo import GRPOSettings, train_grpo
 
 from steer.files import atomic_write_json
@@ -36,7 +37,6 @@ from steer.pipeline.problems import load_problems
 from steer.pipeline.prompts import DEFAULT_INSTRUCTION
 
 ROOT = Path(__file__).resolve().parent
-FAMILIES = ("arithmetic", "word_problems")  # each a module in benches/ with `training_problems(count, held)`
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from families import FAMILIES
 from heads import make_heads
 
 from steer.analysis.footprint import footprint
@@ -55,7 +56,6 @@ from steer.settings import (
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-FAMILIES = ("arithmetic", "word_problems")
 EFFECT, ALPHA, POWER = 0.05, 0.05, 0.8
 Z = 1.959964 + 0.841621  # two-sided alpha 0.05, power 0.8
 

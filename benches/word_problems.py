@@ -14,15 +14,12 @@ problems for GRPO come from [`training_problems`], a different seed, with every 
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 from collections.abc import Callable
-from pathlib import Path
+
+from families import write_family
 
 from steer.pipeline.problems import Problem
-
-DEFAULT_OUT = Path(__file__).parent / "data" / "word_problems.jsonl"
 
 NAMES = ("Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max", "Lily", "Ben", "Emma", "Noah")
 THINGS = ("apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "shells", "cards", "stamps")
@@ -103,18 +100,5 @@ def training_problems(count: int, held: list[Problem], seed: int = 1) -> list[Pr
     return word_problems(count, seed, exclude=frozenset(p.question for p in held))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    problems = word_problems(args.count, args.seed)
-    lines = [json.dumps({"id": p.id, "question": p.question, "answer": p.gold}) for p in problems]
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {len(lines)} problems to {args.out}")
-
-
 if __name__ == "__main__":
-    main()
+    write_family(word_problems, "word_problems", __doc__.splitlines()[0])
