@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -145,19 +146,20 @@ def main() -> None:
     parser.add_argument("--heads", type=Path, required=True, help="Folder holding head folders (benches/heads.py).")
     parser.add_argument("--per-completion", type=int, default=3, help="Changed steps continued per completion.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="The report (default: benches/results/onpolicy-<model>-<data>.json).")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, device="cpu", dtype=torch.float32)
     problems = load_problems(args.data)[100:200]
-    report = {"command": f"python benches/onpolicy_diagnosis.py --model {args.model} --data {args.data} --heads "
-                         f"{args.heads}", "problems": "validation slice (100-199)", "heads": {}}
+    report = {"command": " ".join(["python benches/onpolicy_diagnosis.py", *sys.argv[1:]]),
+              "problems": "validation slice (100-199)", "heads": {}}
     for folder in sorted(p for p in args.heads.iterdir() if (p / "head.safetensors").exists()):
         head = CorrectionHead.from_pretrained(folder)
-        out = ROOT / "runs" / f"onpolicy-{args.data.stem}" / folder.name
+        out = ROOT / "runs" / f"onpolicy-{args.data.stem}" / f"{args.heads.name}-{folder.name}"
         report["heads"][folder.name] = {"tau": head.tau, "top_k": head.top_k, "scale": head.scale,
                                         **diagnose(model, tokenizer, head, problems, out, args.per_completion,
                                                    args.seed)}
         print(folder.name, json.dumps(report["heads"][folder.name], indent=1))
-    atomic_write_json(ROOT / "results" / f"onpolicy-{Path(args.model).name}-{args.data.stem}.json", report)
+    atomic_write_json(args.out or ROOT / "results" / f"onpolicy-{Path(args.model).name}-{args.data.stem}.json", report)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -82,10 +83,13 @@ def required_samples(records: list[dict], arms: list[str], problems: int, max_sa
         needed = math.ceil(within / (target - between)) if target > between else None
         report[arm] = {"between": between, "within": within, "pilot_samples": pilot,
                        "samples": None if needed is None else max(1, needed)}
-    wanted = [r["samples"] for r in report.values()]
-    chosen = max_samples if None in wanted else min(max_samples, max(wanted))
+    # An arm whose per-problem differences vary more between problems than the test allows gets no N (more samples
+    # only shrink the within-problem part); N serves the others.
+    wanted = [r["samples"] for r in report.values() if r["samples"] is not None]
+    chosen = min(max_samples, max(wanted, default=max_samples))
     return {"arms": report, "samples": chosen, "problems": problems, "effect": EFFECT, "alpha": ALPHA, "power": POWER,
-            "capped": None in wanted or max(wanted) > max_samples}
+            "capped": max(wanted, default=0) > max_samples,
+            "unreachable": [arm for arm, r in report.items() if r["samples"] is None]}
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,21 @@ def signed(row: dict) -> str:
     return f"{row['difference']:+.3f} (p = {row['p_value']:.2g})"
 
 
+def power_note(power: dict) -> str:
+    """What the power pilot asked for, per arm, and whether N had to be capped below it."""
+    asks = ", ".join(f"{arm} {'none suffices' if a['samples'] is None else a['samples']}"
+                     for arm, a in power["arms"].items())
+    pilot = next(iter(power["arms"].values()))["pilot_samples"]
+    verdict = (f"capped at {power['samples']}, below what the pilot asks" if power["capped"]
+               else f"N = {power['samples']} serves every arm that some N serves")
+    unreachable = power.get("unreachable") or [a for a, r in power["arms"].items() if r["samples"] is None]
+    if unreachable:
+        verdict += (f"; for {', '.join(unreachable)} no N does, because its per-problem differences vary more between "
+                    "problems than a 5-point test over these problems allows")
+    return (f"Samples N from a power pilot ({pilot} samples per validation problem): to detect a 5-point difference "
+            f"over {power['problems']} problems at p < 0.05 with 80% power, N needed per arm: {asks}; {verdict}.")
+
+
 def markdown(records: list[dict]) -> str:
     lines = ["# The paper's table on a real model", ""]
     for r in records:
@@ -222,8 +241,7 @@ def markdown(records: list[dict]) -> str:
         lines += [
             f"## {r['model'].split('/')[-1]} on {r['family']} ({r['problems']['test']} held-out problems)",
             "",
-            f"avg@{n} at temperature 0.6 (N from the power pilot: a 5-point difference at p < 0.05 with 80% power"
-            f"{'; capped' if r['power']['capped'] else ''}), and greedy. Differences are paired against base.",
+            f"avg@{n} at temperature 0.6, and greedy. Differences are paired against base. {power_note(r['power'])}",
             "",
             f"| arm | avg@{n} | vs base | greedy | vs base | compute (FLOPs) | compute (s) | / GRPO (FLOPs) |",
             "|---|---|---|---|---|---|---|---|",
@@ -285,24 +303,23 @@ def plot(records: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--family", choices=FAMILIES)
     parser.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-samples", type=int, default=16)
+    parser.add_argument("--pilot-samples", type=int, default=4, help="Samples per problem in the power pilot.")
+    parser.add_argument("--max-samples", type=int, default=16, help="The most samples N the power pilot may ask for.")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Where the tables go (default: %(default)s).")
     parser.add_argument("--grpo-result", type=Path, help="GRPO's result (default: the one grpo_real.py writes).")
     parser.add_argument("--smoke", action="store_true", help="A few problems and samples, to check the script runs.")
+    parser.add_argument("--render", action="store_true",
+                        help="Only rebuild the tables and the plot from the families' results already written.")
     args = parser.parse_args()
-    model_name = Path(args.model).name
-    table = Table(args.family, args.model, ROOT / "data" / f"{args.family}.jsonl",
-                  args.grpo_result or RESULTS / f"grpo-{model_name}-{args.family}.json",
-                  ROOT / "runs" / f"table-{args.family}",
-                  max_samples=args.max_samples, seed=args.seed)
+    if args.family is None and not args.render:
+        parser.error("--family is required unless --render is given")
     if args.smoke:
-        table = replace(table, out=ROOT / "runs" / f"table-smoke-{args.family}", train=12, validation=6, test=8,
-                        rollout_samples=4, pilot_samples=2, max_samples=2, max_new_tokens=48)
-    record = run_family(table)
-    atomic_write_json(args.results / f"paper_table_real-{args.family}.json", record)
+        args.results = ROOT / "runs" / "table-smoke-results"  # a smoke run never touches the recorded tables
+    if not args.render:
+        run(args)
     records = [json.loads(p.read_text()) for family in FAMILIES
                if (p := args.results / f"paper_table_real-{family}.json").exists()]
     atomic_write_json(args.results / "paper_table_real.json", {
@@ -310,6 +327,20 @@ def main() -> None:
     atomic_write_text(args.results / "paper_table_real.md", markdown(records))
     plot(records, args.results / "paper_table_real.png")
     print(markdown(records))
+
+
+def run(args: argparse.Namespace) -> None:
+    """One family's table, written to `<results>/paper_table_real-<family>.json`."""
+    model_name = Path(args.model).name
+    table = Table(args.family, args.model, ROOT / "data" / f"{args.family}.jsonl",
+                  args.grpo_result or RESULTS / f"grpo-{model_name}-{args.family}.json",
+                  ROOT / "runs" / f"table-{args.family}",
+                  pilot_samples=args.pilot_samples, max_samples=args.max_samples, seed=args.seed)
+    if args.smoke:
+        table = replace(table, out=ROOT / "runs" / f"table-smoke-{args.family}", train=12, validation=6, test=8,
+                        rollout_samples=4, pilot_samples=2, max_samples=2, max_new_tokens=48)
+    record = {"command": " ".join(["python benches/paper_table_real.py", *sys.argv[1:]]), **run_family(table)}
+    atomic_write_json(args.results / f"paper_table_real-{args.family}.json", record)
 
 
 if __name__ == "__main__":

@@ -71,15 +71,17 @@ def paired_permutation(
     base: Sequence[float], steered: Sequence[float], resamples: int = 10_000, seed: int = 0
 ) -> dict[str, float]:
     """Sign-flip permutation test of the mean per-problem difference `steered - base` (for scores in [0, 1] such
-    as avg@n): two-sided p-value, exact for up to 16 differing problems, else Monte Carlo with `resamples`."""
+    as avg@n): two-sided p-value, exact for up to 16 differing problems, else Monte Carlo with `resamples`, counting
+    the observed signs as one of them (so the p-value is at least 1 / (resamples + 1), never 0)."""
     differences = np.asarray(steered, dtype=float) - np.asarray(base, dtype=float)
     observed = abs(differences.mean()) if len(differences) else 0.0
     nonzero = differences[differences != 0]
     if len(nonzero) == 0:
         return {"difference": 0.0, "p_value": 1.0}
-    if len(nonzero) <= 16:
+    if len(nonzero) <= 16:  # every sign pattern, the observed one among them
         signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * len(nonzero))).reshape(len(nonzero), -1).T
     else:
-        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(resamples, len(nonzero)))
+        drawn = np.random.default_rng(seed).choice([-1.0, 1.0], size=(resamples, len(nonzero)))
+        signs = np.concatenate([np.ones((1, len(nonzero))), drawn])
     means = np.abs((signs * nonzero).sum(axis=1) / len(differences))
     return {"difference": float(differences.mean()), "p_value": float((means >= observed - 1e-12).mean())}

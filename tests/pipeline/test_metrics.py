@@ -60,5 +60,8 @@ def test_paired_permutation_exact_and_monte_carlo():
     assert exact["difference"] == 1.0 and exact["p_value"] == pytest.approx(2 / 32)
     many = paired_permutation([0.0] * 40, [0.25] * 30 + [0.0] * 10)
     assert many["p_value"] < 1e-3
+    # 30 equal differences: no resampled sign pattern is as extreme as the observed one, yet p is never 0
+    assert many["p_value"] == pytest.approx(1 / 10_001)
+    assert paired_permutation([0.0] * 40, [0.25] * 30 + [0.0] * 10, resamples=99)["p_value"] == pytest.approx(0.01)
     noise = paired_permutation([0.0, 1.0] * 20, [1.0, 0.0] * 20)
     assert noise["difference"] == 0.0 and noise["p_value"] == 1.0
