@@ -40,7 +40,7 @@ import torch
 from families import FAMILIES
 from heads import make_heads
 
-from steer.analysis.footprint import footprint
+from steer.analysis.footprint import footprint, sparsity_verdict
 from steer.analysis.intervention import intervene
 from steer.files import atomic_write_json, atomic_write_text
 from steer.models import load_model
@@ -253,6 +253,7 @@ def markdown(records: list[dict]) -> str:
             lines.append(f"| {arm} | {s[arm]['accuracy']:.3f} | {signed(s[arm])} | {g[arm]['accuracy']:.3f} | "
                          f"{signed(g[arm])} | {cost['flops']:.3g} | {cost['seconds']:.0f} | {ratio} |")
         gate = fp["gate_at_tau"]
+        verdict, reason = sparsity_verdict(fp["differ_fraction"], (fp["rank_share_differing"] or {}).get("5"))
         lines += [
             "",
             f"Footprint of GRPO (its samples, teacher-forced): top-1 differs at {percent(fp['differ_fraction'])} of "
@@ -261,7 +262,8 @@ def markdown(records: list[dict]) -> str:
             f"{percent((fp['rank_share_differing'] or {}).get('5'))} of changed ones (paper: all); base entropy where "
             "they differ "
             f"{'-' if fp['entropy']['ratio'] is None else format(fp['entropy']['ratio'], '.1f') + 'x'} the mean; gate "
-            f"entropy > {gate['tau']}: precision {percent(gate['precision'])}, recall {percent(gate['recall'])}.",
+            f"entropy > {gate['tau']}: precision {percent(gate['precision'])}, recall {percent(gate['recall'])}. "
+            f"Verdict of `steer analyze footprint`: {verdict} ({reason}).",
             "",
             f"Intervention (greedy; GRPO's top-1 substituted into base decoding where base entropy > {iv['tau']:.3f}):",
             "",

@@ -63,6 +63,7 @@ def footprint_lines(result: FootprintResult, out: str) -> list[str]:
         recall = "-" if gate.recall is None else f"{gate.recall:.3f}"
         lines.append(f"  entropy > {gate.tau}: gates {gate.gated_fraction:.2%} of positions, "
                      f"precision {precision}, recall {recall}")
+    lines.append(f"{report.verdict}: {report.reason}")
     return [*lines, f"-> {Path(out) / REPORT_FILE}", *(f"-> {plot}" for plot in result.plots)]
 
 

@@ -34,6 +34,10 @@ from steer.settings import DEFAULT_TAUS, FootprintSettings
 POSITIONS_FILE = "positions.safetensors"
 REPORT_FILE = "footprint.json"
 RANKS = (1, 5, 10)
+# The paper's footprint: RL's top-1 differs at 1-3% of positions, and is in the base top-5 wherever it differs. A
+# change within these limits is sparse policy selection, the kind a head at decision points can reproduce.
+SPARSE_FRACTION = 0.05
+SPARSE_TOP5_SHARE = 0.9
 ENTROPY_BINS = 40
 
 
@@ -132,6 +136,9 @@ class FootprintReport:
             "10"), over all positions; rank_share_differing: the same over the differing positions (top-5, top-10).
         entropy ([`EntropyContrast`]). gate (`list[GateQuality]`): one per tau of the grid.
         histograms (`dict`): the counts behind the plots.
+        verdict (`str`), reason (`str`): "sparse" (RL's change is the paper's kind: at most [`SPARSE_FRACTION`] of
+            positions, at least [`SPARSE_TOP5_SHARE`] of them to a base top-5 token), "dense" (it is not: a head
+            acting at a few decision points cannot reproduce it) or "none" (nothing differs), and why, in one line.
     """
 
     positions: int
@@ -142,6 +149,21 @@ class FootprintReport:
     entropy: EntropyContrast
     gate: list[GateQuality]
     histograms: dict
+    verdict: str
+    reason: str
+
+
+def sparsity_verdict(differ_fraction: float, top5_share_differing: float | None) -> tuple[str, str]:
+    """Whether RL's change is sparse policy selection, as in the paper, from the share of positions whose top-1
+    differs and the share of those where RL's choice is in the base top-5: the verdict and its reason."""
+    if top5_share_differing is None:
+        return "none", "the RL model's top-1 never differs from the base model's: there is no change to reproduce"
+    figures = (f"RL's top-1 differs at {differ_fraction:.1%} of positions (the paper: 1-3%), and is in the base "
+               f"top-5 at {top5_share_differing:.1%} of them (the paper: all)")
+    if differ_fraction <= SPARSE_FRACTION and top5_share_differing >= SPARSE_TOP5_SHARE:
+        return "sparse", f"{figures}: sparse policy selection, which a head at decision points can reproduce"
+    return "dense", (f"{figures}: not sparse policy selection; a head that re-ranks the base top-k at a few "
+                     "decision points cannot reproduce this change")
 
 
 def footprint_report(positions: Positions, taus: Sequence[float] = DEFAULT_TAUS) -> FootprintReport:
@@ -162,14 +184,16 @@ def footprint_report(positions: Positions, taus: Sequence[float] = DEFAULT_TAUS)
         raise ValueError("no positions to compare: every completion is empty")
     mean_all = float(entropy.mean())
     mean_differing = float(entropy[differ].mean()) if differing else None
+    rank_share_differing = None
+    if differing:
+        rank_share_differing = {str(k): float((rank[differ] <= k).double().mean()) for k in RANKS[1:]}
+    verdict, reason = sparsity_verdict(differing / total, rank_share_differing["5"] if differing else None)
     return FootprintReport(
         positions=total,
         differing=differing,
         differ_fraction=differing / total,
         rank_share={str(k): float((rank <= k).double().mean()) for k in RANKS},
-        rank_share_differing=(
-            {str(k): float((rank[differ] <= k).double().mean()) for k in RANKS[1:]} if differing else None
-        ),
+        rank_share_differing=rank_share_differing,
         entropy=EntropyContrast(
             mean_all=mean_all,
             mean_differing=mean_differing,
@@ -177,6 +201,8 @@ def footprint_report(positions: Positions, taus: Sequence[float] = DEFAULT_TAUS)
         ),
         gate=[_gate(entropy, differ, tau) for tau in taus],
         histograms=_histograms(entropy, differ, rank),
+        verdict=verdict,
+        reason=reason,
     )
 
 

@@ -138,8 +138,23 @@ def test_footprint_report_counts_by_hand():
     assert report.gate[0] == GateQuality(tau=1.0, gated_fraction=0.6, precision=pytest.approx(2 / 3), recall=1.0)
     assert report.gate[1] == GateQuality(tau=2.5, gated_fraction=0.2, precision=1.0, recall=0.5)
     assert report.histograms["rank_differing"]["3"] == 1 and report.histograms["rank_differing"][">10"] == 1
+    assert report.verdict == "dense" and "40.0% of positions" in report.reason
     with pytest.raises(ValueError, match="no positions"):
         footprint_report(Positions(torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("differing, rank, verdict", [
+    (0, 2, "none"),     # nothing to reproduce
+    (3, 2, "sparse"),   # 3% of positions, all to the base's second choice: the paper's footprint
+    (3, 7, "dense"),    # as few positions, but to tokens outside the base top-5: no re-ranking of the top-k finds them
+    (12, 2, "dense"),   # 12% of positions: far more than a few decision points
+])
+def test_footprint_verdict_says_whether_a_head_can_reproduce_the_change(differing, rank, verdict):
+    differ = torch.zeros(100, dtype=torch.bool)
+    differ[torch.randperm(100)[:differing]] = True
+    ranks = torch.where(differ, torch.tensor(rank), torch.tensor(1))
+    report = footprint_report(Positions(torch.rand(100) * 3, differ, ranks), taus=(1.0,))
+    assert report.verdict == verdict, report.reason
 
 
 def test_ties_and_padded_vocabularies_do_not_count_as_changes(planted, digits, tokenizer):
@@ -247,6 +262,7 @@ def test_analyze_commands_on_a_model_against_itself(tiny_model_dir, arithmetic_f
     report = json.loads(result.stdout.strip().splitlines()[-1])
     report = report["report"]
     assert report["differ_fraction"] == 0.0 and report["rank_share"]["1"] == 1.0 and report["positions"] > 0
+    assert report["verdict"] == "none"
     result = CliRunner().invoke(main, ["analyze", "intervene", *common, "--out", str(tmp_path / "i"),
                                        "--temperature", "0", "--tau", "0"])
     assert result.exit_code == 0, result.output
