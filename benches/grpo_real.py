@@ -15,7 +15,9 @@ Choices, for a run that fits a few hours on 2 CPU cores (float32; TRL 1.16 measu
 completions x 64 tokens): full fine-tuning (a 135M model trains in float32 without trouble, and LoRA would not cut
 the cost, which is generation); 4 prompts x 8 completions a step (groups of 8, as the paper's RL baselines and
 `grpo_world.py`, and half the prompts to halve a step's time: 68 s a step measured); completions of up to 96
-tokens, the evaluations' budget (shorter would cut answers the evaluation reads); temperature 0.7 (at TRL's 1.0 a
+tokens for arithmetic, the evaluations' budget (shorter would cut answers the evaluation reads; for word problems,
+where SmolLM2's greedy completions have a median of 158 tokens and 12% fit in 96, pass `--max-new-tokens 256`, and
+the same to `paper_table_real.py`); temperature 0.7 (at TRL's 1.0 a
 pilot on arithmetic rewarded 3% and 0% of its completions, and 75-100% of its groups had no reward variance, so no
 gradient); learning rate 5e-6 (constant; 1e-6 is TRL's default for full fine-tuning over thousands of steps, and
 this run has at most 150); validation at temperature 0.6 on 100 problems x 2 samples every 10 steps, stopping after 3

@@ -135,6 +135,10 @@ def run_family(table: Table) -> dict:
         raise SystemExit(f"no GRPO baseline at {table.grpo_result}: run `python benches/grpo_real.py --family "
                          f"{table.family}` first")
     grpo = json.loads(table.grpo_result.read_text())
+    if grpo["settings"]["max_new_tokens"] != table.max_new_tokens:
+        print(f"warning: GRPO trained with completions of up to {grpo['settings']['max_new_tokens']} tokens and this "
+              f"table decodes up to {table.max_new_tokens}: pass --max-new-tokens {grpo['settings']['max_new_tokens']} "
+              "to compare them on the same budget")
     out = table.out
     model, tokenizer = load_model(table.model, device="cpu", dtype=torch.float32)
     rl, _ = load_model(grpo["model"], device="cpu", dtype=torch.float32)
@@ -310,6 +314,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pilot-samples", type=int, default=4, help="Samples per problem in the power pilot.")
     parser.add_argument("--max-samples", type=int, default=16, help="The most samples N the power pilot may ask for.")
+    parser.add_argument("--max-new-tokens", type=int, default=Table.max_new_tokens,
+                        help="Completion budget of every decode; GRPO's run should have used the same "
+                             "(default: %(default)s).")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Where the tables go (default: %(default)s).")
     parser.add_argument("--grpo-result", type=Path, help="GRPO's result (default: the one grpo_real.py writes).")
     parser.add_argument("--smoke", action="store_true", help="A few problems and samples, to check the script runs.")
@@ -337,7 +344,8 @@ def run(args: argparse.Namespace) -> None:
     table = Table(args.family, args.model, ROOT / "data" / f"{args.family}.jsonl",
                   args.grpo_result or RESULTS / f"grpo-{model_name}-{args.family}.json",
                   ROOT / "runs" / f"table-{args.family}",
-                  pilot_samples=args.pilot_samples, max_samples=args.max_samples, seed=args.seed)
+                  pilot_samples=args.pilot_samples, max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
+                  seed=args.seed)
     if args.smoke:
         table = replace(table, out=ROOT / "runs" / f"table-smoke-{args.family}", train=12, validation=6, test=8,
                         rollout_samples=4, pilot_samples=2, max_samples=2, max_new_tokens=48)
