@@ -60,6 +60,9 @@ class GRPOSettings:
         lr (`float`): AdamW learning rate (constant).
         max_steps (`int`), eval_every (`int`), patience (`int`): the step budget, the steps between validations
             (and checkpoints), and how many validations without improvement stop training.
+        micro_batch (`int`, *optional*): completions per forward and backward pass, the step's gradient accumulated
+            over them (memory: a pass holds logits of micro_batch x max_new_tokens x vocabulary); `None` is the
+            whole step in one pass.
         validation_samples (`int`): decodes per validation problem at temperature 0.6.
         batch_size (`int`): sequences decoded together in validation.
         seed (`int`): TRL's seed and the validation's.
@@ -74,6 +77,7 @@ class GRPOSettings:
     max_steps: int = 1000
     eval_every: int = 25
     patience: int = 4
+    micro_batch: int | None = None
     validation_samples: int = 2
     batch_size: int = 128
     seed: int = 0
@@ -227,9 +231,13 @@ def train_grpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train
     else:
         stop.restore(checkpoint)
         print(f"resuming from {checkpoint}", flush=True)
+    step = settings.prompts_per_step * settings.generations
+    micro = settings.micro_batch or step
+    if step % micro:
+        raise SystemExit(f"micro_batch {micro} must divide the {step} completions of a step")
     config = GRPOConfig(
         output_dir=str(run), learning_rate=settings.lr, lr_scheduler_type="constant",
-        per_device_train_batch_size=settings.prompts_per_step * settings.generations,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=step // micro, generation_batch_size=step,
         num_generations=settings.generations, max_completion_length=settings.max_new_tokens,
         temperature=settings.temperature, beta=0.0, max_steps=settings.max_steps, logging_steps=1,
         save_strategy="steps", save_steps=settings.eval_every, save_total_limit=2, report_to="none", use_cpu=True,

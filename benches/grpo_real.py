@@ -16,8 +16,9 @@ completions x 64 tokens): full fine-tuning (a 135M model trains in float32 witho
 the cost, which is generation); 4 prompts x 8 completions a step (groups of 8, as the paper's RL baselines and
 `grpo_world.py`, and half the prompts to halve a step's time: 68 s a step measured); completions of up to 96
 tokens for arithmetic, the evaluations' budget (shorter would cut answers the evaluation reads; for word problems,
-where SmolLM2's greedy completions have a median of 158 tokens and 12% fit in 96, pass `--max-new-tokens 256`, and
-the same to `paper_table_real.py`); temperature 0.7 (at TRL's 1.0 a
+where SmolLM2's greedy completions have a median of 158 tokens and 12% fit in 96, pass `--max-new-tokens 256
+--micro-batch 8`, the micro-batch because a 256-token step in one pass ran out of 24 GB, and the same budget to
+`paper_table_real.py`); temperature 0.7 (at TRL's 1.0 a
 pilot on arithmetic rewarded 3% and 0% of its completions, and 75-100% of its groups had no reward variance, so no
 gradient); learning rate 5e-6 (constant; 1e-6 is TRL's default for full fine-tuning over thousands of steps, and
 this run has at most 150); validation at temperature 0.6 on 100 problems x 2 samples every 10 steps, stopping after 3
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--validation-samples", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, help="Completions per forward/backward pass (default: a whole "
+                        "step; 8 keeps a 256-token step within 24 GB).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run", type=Path, help="Run folder (default: benches/runs/grpo-<family>).")
     args = parser.parse_args()
@@ -73,6 +76,7 @@ def main() -> None:
         instruction=DEFAULT_INSTRUCTION, max_new_tokens=args.max_new_tokens, prompts_per_step=args.prompts_per_step,
         generations=args.generations, temperature=args.temperature, lr=args.lr, max_steps=args.max_steps,
         eval_every=args.eval_every, patience=args.patience, validation_samples=args.validation_samples,
+        micro_batch=args.micro_batch,
         batch_size=args.validation_problems, seed=args.seed,
     )
     run = args.run or ROOT / "runs" / f"grpo-{args.family}"
