@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from pathlib import Path
 
 from families import FAMILIES
@@ -81,7 +82,7 @@ def main() -> None:
     )
     run = args.run or ROOT / "runs" / f"grpo-{args.family}"
     result = train_grpo(model, tokenizer, train, validation, settings, run)
-    record = {"command": f"python benches/grpo_real.py --family {args.family}",
+    record = {"command": " ".join(["python benches/grpo_real.py", *sys.argv[1:]]),
               "arguments": {k: str(v) for k, v in vars(args).items()}, **result}
     out = ROOT / "results" / f"grpo-{Path(args.model).name}-{args.family}.json"
     atomic_write_json(out, record)

@@ -1,9 +1,10 @@
 """The method on a real model, as the paper tables run it: rollouts, scoring, branch labels, and two heads (rollout
 advantages, branch labels), with what each head cost.
 
-Used by `benches/paper_table_real.py`. Every stage resumes in its folder, and its wall seconds are recorded when it
-finishes (`stages.json`; the seconds of a sitting interrupted before a stage finished are not counted), so a rerun
-reports what the stages cost, not the nothing a resumed run does.
+Used by `benches/paper_table_real.py`. Every stage resumes in its folder, and its wall seconds are summed over the
+sittings that ran it (`stages.json`, written every `HEARTBEAT_SECONDS` while a stage runs, so a sitting killed
+mid-stage loses at most that much of its time), so a rerun reports what the stages cost, not the nothing a resumed
+run does.
 
 Compute is counted as GRPO's is (`benches/grpo.py`): 2N FLOPs per token a forward pass reads or generates (N the
 model's parameters): the rollouts' prompt and completion tokens, the same again for their teacher-forced scoring, and
@@ -14,6 +15,7 @@ FLOPs per head parameter, training decision point and step.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +36,7 @@ from steer.settings import LabelSettings, RolloutSettings, ScoreSettings, TrainS
 
 T = TypeVar("T")
 STAGES_FILE = "stages.json"
+HEARTBEAT_SECONDS = 30.0  # how often a running stage writes its seconds so far
 LABEL_SOURCES = {"advantage head": "advantage", "branch head": "branches"}
 
 
@@ -51,20 +54,38 @@ class HeadRun:
 
 
 class Stages:
-    """Wall seconds per stage in `<out>/stages.json`, from the sitting that finished it; a stage marked done is not
-    timed again."""
+    """Wall seconds per stage in `<out>/stages.json`, summed over the sittings that ran it: while a stage runs, its
+    seconds so far are written every `HEARTBEAT_SECONDS` (`"done": false`); a stage marked done is not timed again.
+    Entries without `done` were written when their stage finished."""
 
     def __init__(self, out: Path) -> None:
         self.path = out / STAGES_FILE
         self.record: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def run(self, name: str, stage: Callable[[], T]) -> T:
-        start = time.perf_counter()
-        result = stage()
-        if name not in self.record:
-            self.record[name] = {"seconds": time.perf_counter() - start}
-            atomic_write_json(self.path, self.record)
+        entry = self.record.get(name, {})
+        if entry.get("done", bool(entry)):
+            return stage()
+        prior, sittings = entry.get("seconds", 0.0), entry.get("sittings", 0) + 1
+        start, stop = time.perf_counter(), threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                self._write(name, prior + time.perf_counter() - start, sittings, done=False)
+
+        heartbeat = threading.Thread(target=beat, daemon=True)
+        heartbeat.start()
+        try:
+            result = stage()
+        finally:
+            stop.set()
+            heartbeat.join()
+        self._write(name, prior + time.perf_counter() - start, sittings, done=True)
         return result
+
+    def _write(self, name: str, seconds: float, sittings: int, done: bool) -> None:
+        self.record[name] = {"seconds": seconds, "sittings": sittings, "done": done}
+        atomic_write_json(self.path, self.record)
 
     def seconds(self, *names: str) -> float:
         return sum(self.record[name]["seconds"] for name in names)
