@@ -55,8 +55,7 @@ class HeadRun:
 
 class Stages:
     """Wall seconds per stage in `<out>/stages.json`, summed over the sittings that ran it: while a stage runs, its
-    seconds so far are written every `HEARTBEAT_SECONDS` (`"done": false`); a stage marked done is not timed again.
-    Entries without `done` were written when their stage finished."""
+    seconds so far are written every `HEARTBEAT_SECONDS` (`"done": false`); a stage marked done is not timed again."""
 
     def __init__(self, out: Path) -> None:
         self.path = out / STAGES_FILE
@@ -64,7 +63,7 @@ class Stages:
 
     def run(self, name: str, stage: Callable[[], T]) -> T:
         entry = self.record.get(name, {})
-        if entry.get("done", bool(entry)):
+        if entry.get("done"):
             return stage()
         prior, sittings = entry.get("seconds", 0.0), entry.get("sittings", 0) + 1
         start, stop = time.perf_counter(), threading.Event()
