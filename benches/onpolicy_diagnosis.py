@@ -3,6 +3,9 @@
     python benches/onpolicy_diagnosis.py --model benches/models/SmolLM2-135M-Instruct \\
         --data benches/data/arithmetic.jsonl --heads benches/runs/table-arithmetic/heads
 
+(word problems: `--data benches/data/word_problems.jsonl --heads benches/runs/table-word_problems/heads
+--max-new-tokens 256`, the table's budget for that family)
+
 Issue 15's diagnosis scored the heads at labelled decision points of *sampled pool rollouts*. Here the unit is the
 head's own greedy decode of problems it never trained on (the validation slice, problems 100-199 of the file, not
 the test slice), traced step by step (`steer eval --trace`). The chain from a head to a gained answer, link by link:
@@ -118,9 +121,10 @@ def chain(records: list[dict], choices: list[dict]) -> dict:
     }
 
 
-def diagnose(model, tokenizer, head: CorrectionHead, problems, out: Path, per_completion: int, seed: int) -> dict:
+def diagnose(model, tokenizer, head: CorrectionHead, problems, out: Path, per_completion: int, seed: int,
+             max_new_tokens: int) -> dict:
     greedy = EvalSettings(samples=1, batch_size=64, seed=seed,
-                          decoding=DecodingSettings(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS))
+                          decoding=DecodingSettings(temperature=0.0, max_new_tokens=max_new_tokens))
     evaluate(model, tokenizer, {"validation": problems}, out / "eval", greedy, head=head, trace_top_k=head.top_k,
              progress=False)
     folder = PredictionFolder(out / "eval")
@@ -128,7 +132,7 @@ def diagnose(model, tokenizer, head: CorrectionHead, problems, out: Path, per_co
     prompts = {p.id: encode_prompt(tokenizer, build_prompt(tokenizer, p.question, greedy.instruction))
                for p in problems}
     branches = choice_branches({r["problem_id"]: r for r in records}, folder.traces(), prompts, per_completion)
-    decoding = BranchDecoding(MAX_NEW_TOKENS, seed=seed)
+    decoding = BranchDecoding(max_new_tokens, seed=seed)
     processor = steering(model, head)
     job = Job(label="choices", unit="branch", folder=ChoiceFolder(out / "choices"),
               settings={"model": model.name_or_path, "per_completion": per_completion, "seed": seed},
@@ -146,18 +150,20 @@ def main() -> None:
     parser.add_argument("--heads", type=Path, required=True, help="Folder holding head folders (benches/heads.py).")
     parser.add_argument("--per-completion", type=int, default=3, help="Changed steps continued per completion.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                        help="Token budget of every decode and continuation (the family's, as in the table).")
     parser.add_argument("--out", type=Path, help="The report (default: benches/results/onpolicy-<model>-<data>.json).")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, device="cpu", dtype=torch.float32)
     problems = load_problems(args.data)[100:200]
     report = {"command": " ".join(["python benches/onpolicy_diagnosis.py", *sys.argv[1:]]),
-              "problems": "validation slice (100-199)", "heads": {}}
+              "problems": "validation slice (100-199)", "max_new_tokens": args.max_new_tokens, "heads": {}}
     for folder in sorted(p for p in args.heads.iterdir() if (p / "head.safetensors").exists()):
         head = CorrectionHead.from_pretrained(folder)
         out = ROOT / "runs" / f"onpolicy-{args.data.stem}" / f"{args.heads.name}-{folder.name}"
         report["heads"][folder.name] = {"tau": head.tau, "top_k": head.top_k, "scale": head.scale,
                                         **diagnose(model, tokenizer, head, problems, out, args.per_completion,
-                                                   args.seed)}
+                                                   args.seed, args.max_new_tokens)}
         print(folder.name, json.dumps(report["heads"][folder.name], indent=1))
     atomic_write_json(args.out or ROOT / "results" / f"onpolicy-{Path(args.model).name}-{args.data.stem}.json", report)
 

@@ -143,8 +143,9 @@ def substitution(other: PreTrainedModel, *, tau: float | None = None, rate: floa
 
 
 def recovered_share(base: float, rl: float, arm: float) -> float | None:
-    """The share of the RL gain an arm recovers, `(arm - base) / (rl - base)`; `None` where RL gains nothing."""
-    return (arm - base) / (rl - base) if rl != base else None
+    """The share of the RL gain an arm recovers, `(arm - base) / (rl - base)`; `None` where RL gains nothing (its
+    accuracy is at or below base's: a share of a loss would read backwards)."""
+    return (arm - base) / (rl - base) if rl > base else None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,9 @@ from steer.version import __version__
 
 TRAINING_FILE = "training.json"
 GATE_WARNING = 0.10  # a head gating more of the training rollouts' steps than this steers far beyond decision points
+# Fewer held-out problems than this and the kept checkpoint and strength move with the seed that drew them (on
+# SmolLM2's pools of 4 to 8: step 10-140, scale 1-8; `benches/head_selection.py`).
+HELDOUT_PROBLEMS_WARNING = 10
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class TrainingRecord:
         curve (`list[dict]`): per step: lr, loss, policy, kl, gain. heldout (`list[dict]`): the held-out evaluations.
         selected_step (`int`), scale (`float`), scale_gains (`dict[str, float]`): the checkpoint and strength kept.
         seconds (`float`): training time, loading included.
-        warnings (`list[str]`): what a user should know before decoding with the head (see [`GATE_WARNING`]).
+        warnings (`list[str]`): what a user should know before decoding with the head (see [`GATE_WARNING`] and
+            [`HELDOUT_PROBLEMS_WARNING`]).
     """
 
     steer: str
@@ -173,7 +177,7 @@ def train_head(
         scale=head.scale,
         scale_gains=scale_gains,
         seconds=time.perf_counter() - start,
-        warnings=gate_warnings(features, tau),
+        warnings=gate_warnings(features, tau) + selection_warnings(len(heldout_problems), len(heldout)),
     )
     return TrainResult(head, record)
 
@@ -186,6 +190,16 @@ def gate_warnings(features: Features, tau: float) -> list[str]:
     return [f"tau = {tau:.3f} nats gates {share:.0%} of the generated positions of the training rollouts: the head "
             f"would steer far more than the few percent of steps that are decision points, which can make a model "
             f"worse; use a higher tau or --tau-quantile 0.95"]
+
+
+def selection_warnings(problems: int, points: int) -> list[str]:
+    """A warning when the checkpoint and strength were chosen on fewer than [`HELDOUT_PROBLEMS_WARNING`] held-out
+    problems (`points` decision points among them)."""
+    if problems >= HELDOUT_PROBLEMS_WARNING:
+        return []
+    return [f"the checkpoint and strength were chosen on {problems} held-out problems ({points} decision points): "
+            f"on so few the choice is largely noise and moves with --seed; roll out more problems, so that more "
+            f"have both right and wrong rollouts, or raise --heldout-fraction"]
 
 
 def _heldout_problems(pool: Pool, settings: TrainSettings) -> set[str]:

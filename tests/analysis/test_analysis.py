@@ -233,6 +233,7 @@ def test_substitution_refuses_bad_arguments(make_model):
 def test_recovered_share():
     assert recovered_share(0.2, 0.6, 0.5) == pytest.approx(0.75)
     assert recovered_share(0.4, 0.4, 0.5) is None
+    assert recovered_share(0.4, 0.3, 0.35) is None  # RL lost accuracy: nothing to recover
 
 
 def test_intervention_recovers_the_planted_gain(planted, tokenizer, problems, tmp_path):

@@ -9,7 +9,15 @@ from steer import CorrectionHead, HeadConfig
 from steer.pipeline.folders.scores import Features
 from steer.pipeline.objective import MASKED, DecisionBatch, contrastive_loss, decision_batch
 from steer.pipeline.pool import NoContrastError, select_pool
-from steer.pipeline.training import TrainSettings, _schedule, choose_scale, fit_head, gate_warnings
+from steer.pipeline.training import (
+    HELDOUT_PROBLEMS_WARNING,
+    TrainSettings,
+    _schedule,
+    choose_scale,
+    fit_head,
+    gate_warnings,
+    selection_warnings,
+)
 from steer.settings import OBJECTIVES
 
 HIDDEN, VOCAB, K, SAMPLES = 8, 12, 4, 8
@@ -204,3 +212,9 @@ def test_a_tau_that_gates_many_steps_is_warned_about():
     [warning] = gate_warnings(features, tau=1.0)
     assert "gates 50%" in warning and "--tau-quantile" in warning
     assert TrainSettings().tau is None and TrainSettings().tau_quantile == 0.95
+
+
+def test_a_choice_made_on_few_heldout_problems_is_warned_about():
+    assert selection_warnings(HELDOUT_PROBLEMS_WARNING, 300) == []
+    [warning] = selection_warnings(4, 177)
+    assert "4 held-out problems (177 decision points)" in warning and "--heldout-fraction" in warning
