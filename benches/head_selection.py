@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ def selections(model, rollouts: Path, labels: str, seeds: int) -> list[dict]:
     """One record per seed: the held-out problems and points, the kept step and scale, and the held-out gains."""
     rows = []
     for seed in range(seeds):
-        record = train_head(model, rollouts, replace(TrainSettings(), labels=labels, seed=seed), progress=False).record
+        record = train_head(model, rollouts, TrainSettings(labels=labels, seed=seed), progress=False).record
         gain_at = {e["step"]: e["gain"] for e in record.heldout}
         rows.append({"seed": seed, "heldout_problems": record.pool.heldout_problems,
                      "heldout_points": record.pool.heldout_points, "selected_step": record.selected_step,
@@ -63,9 +62,10 @@ def main() -> None:
                         for name, source in LABEL_SOURCES.items()}}
     for name, rows in report["heads"].items():
         for row in rows:
+            gain = row["gain_at_selected_step"]
             print(f"{name:15s} seed {row['seed']}: {len(row['heldout_problems'])} held-out problems "
                   f"({row['heldout_points']} points), step {row['selected_step']}, scale {row['scale']}, "
-                  f"held-out gain {row['gain_at_selected_step']:.3f}")
+                  f"held-out gain {'-' if gain is None else format(gain, '.3f')}")
     out = ROOT / "results" / f"head_selection-{args.family}.json"
     atomic_write_json(out, report)
     print(json.dumps({"wrote": str(out)}))

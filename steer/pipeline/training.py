@@ -193,13 +193,14 @@ def gate_warnings(features: Features, tau: float) -> list[str]:
 
 
 def selection_warnings(problems: int, points: int) -> list[str]:
-    """A warning when the checkpoint and strength were chosen on fewer than [`HELDOUT_PROBLEMS_WARNING`] held-out
-    problems (`points` decision points among them)."""
+    """A warning when fewer than [`HELDOUT_PROBLEMS_WARNING`] held-out problems (`points` decision points among
+    them) chose the checkpoint and strength."""
     if problems >= HELDOUT_PROBLEMS_WARNING:
         return []
-    return [f"the checkpoint and strength were chosen on {problems} held-out problems ({points} decision points): "
-            f"on so few the choice is largely noise and moves with --seed; roll out more problems, so that more "
-            f"have both right and wrong rollouts, or raise --heldout-fraction"]
+    return [f"only {problems} held-out problems ({points} decision points) checked the checkpoint and strength "
+            f"kept: on so few the choice is largely noise and moves with --seed (with none, the last step and x1 are "
+            f"kept untested); roll out more problems, so that more have both right and wrong rollouts, or raise "
+            f"--heldout-fraction"]
 
 
 def _heldout_problems(pool: Pool, settings: TrainSettings) -> set[str]:
