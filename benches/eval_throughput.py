@@ -1,6 +1,6 @@
 """Throughput of `steer eval` against a plain loop over `model.generate` with the same batches and sampling.
 
-    python benches/eval_throughput.py --model benches/models/SmolLM2-135M-Instruct   # see benches/smollm2.py
+    python benches/eval_throughput.py --model benches/models/SmolLM2-135M-Instruct   # see benches/offline_models.py
 
 Both decode the same arithmetic problems (temperature 0.6, top-p 0.95), batched `--batch-size` at a time, and count
 the new tokens each sequence generated up to its end-of-sequence token. `steer eval` is also run with a head (a fresh

@@ -5,7 +5,7 @@ the default tau, so the processor does all its per-step work. Runs alternate bet
 of merit is the median over runs of (steered time / plain time).
 
     python benches/overhead.py --model tiny
-    python benches/overhead.py --model benches/models/SmolLM2-135M-Instruct   # see benches/smollm2.py
+    python benches/overhead.py --model benches/models/SmolLM2-135M-Instruct   # see benches/offline_models.py
 
 Results go to benches/results/overhead-<model>-<device>.json.
 """

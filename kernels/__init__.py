@@ -10,3 +10,8 @@
 Importing a kernel module needs Triton; `steer.functional` imports it only when the Triton path is taken, so that
 `TRITON_INTERPRET=1` can still be set before that first call.
 """
+
+if __name__ == "kernels":  # imported from a clone's root, where this folder would shadow an installed `kernels`
+    from steer.shadowing import yield_to_installed
+
+    yield_to_installed(__name__, __file__)
