@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steer.files import atomic_write_json
 from steer.head import CorrectionHead
+from steer.pipeline.decoding import Decoder
 from steer.pipeline.folders.rollouts import RolloutFolder, rollout_length
 from steer.pipeline.labels import LabelFolder, label_branches
 from steer.pipeline.problems import Problem
@@ -92,15 +93,18 @@ class Stages:
 
 def make_heads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], out: Path,
                rollouts: RolloutSettings, labels: LabelSettings, train: TrainSettings = TrainSettings(),
-               score: ScoreSettings = ScoreSettings()) -> dict[str, HeadRun]:
+               score: ScoreSettings = ScoreSettings(), decoder: Decoder | None = None) -> dict[str, HeadRun]:
     """Rollouts of `model` on `problems`, scored, labelled by branching, and a head from each label source (`train`
-    otherwise the same), saved under `out`. Returns the heads by name ([`LABEL_SOURCES`])."""
+    otherwise the same), saved under `out`. Rollouts and branch continuations decode with `decoder` where one is
+    given (vLLM's, say), else with `model`; scoring and training use `model`. Returns the heads by name
+    ([`LABEL_SOURCES`])."""
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out)
     rollouts_dir = out / "rollouts"
-    stages.run("rollouts", lambda: run_rollouts(model, tokenizer, problems, rollouts_dir, rollouts))
+    engine = decoder if decoder is not None else model
+    stages.run("rollouts", lambda: run_rollouts(engine, tokenizer, problems, rollouts_dir, rollouts))
     stages.run("scoring", lambda: score_rollouts(model, rollouts_dir, score))
-    stages.run("labels", lambda: label_branches(model, tokenizer, rollouts_dir, labels))
+    stages.run("labels", lambda: label_branches(engine, tokenizer, rollouts_dir, labels))
     parameters = sum(p.numel() for p in model.parameters())
     records = RolloutFolder(rollouts_dir).records(("prompt_ids", "completion_ids"))
     rollout_tokens = sum(map(rollout_length, records))

@@ -53,7 +53,7 @@ def steering_cost(model: str, head_dir: str, prompts: list[list[int]], new_token
 
     engine = {"dtype": dtype, "enforce_eager": True, "seed": 0, "max_model_len": 1024}
     started = time.perf_counter()
-    plain = LLM(model=model, **engine_defaults(engine))
+    plain = LLM(model=model, **engine_defaults(model, engine))
     startup_plain = time.perf_counter() - started
     started = time.perf_counter()
     steered = steered_llm(model, head_dir, **engine)

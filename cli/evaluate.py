@@ -87,8 +87,8 @@ def results_table(summary: EvalSummary) -> list[str]:
 @dtype_option
 @cpu_option
 @json_option
-def evaluate_command(model, sources, out, head, question_field, answer_field, limit, trace, engine, cpu, dtype,
-                     as_json, **options):
+def evaluate_command(model, sources, out, head, question_field, answer_field, limit, trace, engine, engine_args, cpu,
+                     dtype, as_json, **options):
     """Decode benchmarks with the base model and (with --head) the steered one, grade, and compare them.
 
     Writes OUT/predictions.jsonl as it goes (an interrupted run resumes) and OUT/summary.json at the end. Under
@@ -106,7 +106,7 @@ def evaluate_command(model, sources, out, head, question_field, answer_field, li
     workers = current_workers(cpu)
     settings = settings_from(EvalSettings, options)
     benchmarks = load_benchmarks(sources, question_field, answer_field, limit)
-    lm, tokenizer, steered = decoding_models(engine, model, head, dtype, settings.seed, workers)
+    lm, tokenizer, steered = decoding_models(engine, model, head, dtype, settings.seed, workers, engine_args)
     steering = CorrectionHead.from_pretrained(head) if head else None
     if steered is not None:  # vLLM: one engine, steering off for base and on for the steered arm
         arms = [Arm("base", lm), Arm("steered", steered, digest=head_digest(steering), tau=steering.tau)]

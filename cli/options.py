@@ -53,10 +53,30 @@ ENGINES = ("hf", "vllm")
 
 
 def engine_option(command: Callable) -> Callable:
-    """--engine: transformers' generate or vLLM (steer.integrations.vllm)."""
+    """--engine: transformers' generate or vLLM (steer.integrations.vllm), and --engine-arg: vLLM's own arguments."""
+    command = click.option("--engine-arg", "engine_args", multiple=True, callback=_engine_arguments,
+                           metavar="NAME=VALUE",
+                           help="An argument of vllm.LLM for --engine vllm (repeatable; VALUE is read as JSON where it "
+                           "parses, else as text): for example --engine-arg max_model_len=2048 --engine-arg "
+                           "enforce_eager=true.")(command)
     return click.option("--engine", default="hf", show_default=True, type=click.Choice(ENGINES),
-                        help="Decoding engine: transformers' generate (hf), or vLLM, one process with its own "
-                        "batching (needs vLLM: steer.integrations.vllm).")(command)
+                        help="Decoding engine: transformers' generate (hf), or vLLM, one engine per process with its "
+                        "own batching (needs vLLM: steer.integrations.vllm).")(command)
+
+
+def _engine_arguments(context: click.Context, parameter: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+    """`("max_model_len=2048", "enforce_eager=true")` -> `{"max_model_len": 2048, "enforce_eager": True}`."""
+    arguments = {}
+    for value in values:
+        name, sep, text = value.partition("=")
+        if not sep or not name.isidentifier():
+            raise click.BadParameter(f"{value!r} is not NAME=VALUE (for example max_model_len=2048)",
+                                     context, parameter)
+        try:
+            arguments[name] = json.loads(text)
+        except json.JSONDecodeError:
+            arguments[name] = text
+    return arguments
 
 
 def cpu_option(command: Callable) -> Callable:

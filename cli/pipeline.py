@@ -28,12 +28,13 @@ from steer.settings import DEFAULT_INSTRUCTION, LabelSettings, RolloutSettings, 
 @dtype_option
 @cpu_option
 @json_option
-def rollout(model, data, out, question_field, answer_field, limit, engine, cpu, dtype, as_json, **options):
+def rollout(model, data, out, question_field, answer_field, limit, engine, engine_args, cpu, dtype, as_json,
+            **options):
     """Sample rollouts of the base model on benchmark problems and grade them into OUT/rollouts.jsonl.
 
     The store is appended to as batches finish; running the same command again after an interruption completes
-    it. Under `accelerate launch -m steer rollout ...` each process takes a share of the problems (with the hf
-    engine; vLLM spreads its own work).
+    it. Under `accelerate launch -m steer rollout ...` (or `torchrun`) each process takes a share of the problems;
+    with `--engine vllm` each process runs one engine on its own GPU (on a CPU, its share of the cores).
     """
     from steer.pipeline.distributed import current_workers
     from steer.pipeline.problems import load_problems
@@ -42,7 +43,7 @@ def rollout(model, data, out, question_field, answer_field, limit, engine, cpu, 
     workers = current_workers(cpu)
     settings = settings_from(RolloutSettings, options)
     problems = load_problems(data, question_field=question_field, answer_field=answer_field, limit=limit)
-    lm, tokenizer, _ = decoding_models(engine, model, None, dtype, settings.seed, workers)
+    lm, tokenizer, _ = decoding_models(engine, model, None, dtype, settings.seed, workers, engine_args)
     summary = run_rollouts(lm, tokenizer, problems, out, settings, workers=workers)
     if workers.is_main:
         emit(summary, as_json, [
@@ -52,24 +53,24 @@ def rollout(model, data, out, question_field, answer_field, limit, engine, cpu, 
         ])
 
 
-def decoding_models(engine: str, model: str, head: str | None, dtype: str, seed: int, workers):
+def decoding_models(engine: str, model: str, head: str | None, dtype: str, seed: int, workers,
+                    engine_args: dict | None = None):
     """What a decoding command decodes with: `(base, tokenizer, steered)`, the steered one `None` without a head.
     With the hf engine, the loaded model (steered through a head's processor by the caller); with vLLM, decoders
-    over one engine (steered when a head is given)."""
+    over one engine per process (steered when a head is given), built with `engine_args`."""
     if engine == "hf":
+        if engine_args:
+            raise click.UsageError("--engine-arg passes arguments to vLLM: use it with --engine vllm")
         from steer.models import load_model
 
         lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))
         return lm, tokenizer, None
-    if workers.world > 1:
-        raise click.UsageError("--engine vllm runs in one process (vLLM batches and parallelizes itself): launch it "
-                               "without accelerate or torchrun")
     from transformers import AutoTokenizer
 
     from steer.integrations.vllm.decoding import vllm_decoders
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    base, steered = vllm_decoders(model, tokenizer, head, dtype, seed)
+    base, steered = vllm_decoders(model, tokenizer, head, dtype, seed, workers, **(engine_args or {}))
     return base, tokenizer, steered
 
 
@@ -134,19 +135,19 @@ def score(model, rollouts, cpu, dtype, as_json, **options):
               help="Folder written by `steer rollout` and `steer score`.")
 @settings_options(LabelSettings, help={"points": "Decision points labelled per rollout (its first ones).",
                                        "top_k": "Candidates continued per point (at least the head's top-k)."})
+@engine_option
 @dtype_option
 @cpu_option
 @json_option
-def label(model, rollouts, cpu, dtype, as_json, **options):
+def label(model, rollouts, engine, engine_args, cpu, dtype, as_json, **options):
     """Label decision points by branching: continue each top-k candidate greedily and grade it, so that `steer
     train --labels branches` learns each candidate's own success. Writes ROLLOUTS/labels; resumes; shares the
     branches among processes under `accelerate launch` or `torchrun`."""
-    from steer.models import load_model
     from steer.pipeline.distributed import current_workers
     from steer.pipeline.labels import label_branches
 
     workers = current_workers(cpu)
-    lm, tokenizer = load_model(model, device=workers.device, dtype=model_dtype(dtype))
+    lm, tokenizer, _ = decoding_models(engine, model, None, dtype, options.get("seed", 0), workers, engine_args)
     summary = label_branches(lm, tokenizer, rollouts, settings_from(LabelSettings, options), workers=workers)
     if workers.is_main:
         emit(summary, as_json, [

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from steer.pipeline.decoding import DecodingSettings, ProcessorFactory, batches_by_length, decode_batch, derive_seed
+from steer.pipeline.decoding import Decoder, DecodingSettings, ProcessorFactory, batches_by_length, decode_units
 from steer.pipeline.grading import grade
 from steer.pipeline.jobs import Work
 
@@ -62,16 +62,17 @@ def branch_batches(branches: Sequence[Branch], batch_size: int) -> list[list[Bra
             for batch in batches_by_length(kind, [len(b.prompt_ids) + len(b.prefix) for b in kind], batch_size)]
 
 
-def continue_branches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: Sequence[Branch],
+def continue_branches(model: PreTrainedModel | Decoder, tokenizer: PreTrainedTokenizerBase, batch: Sequence[Branch],
                       decoding: BranchDecoding, processor: ProcessorFactory | None = None) -> Work:
-    """Decode one batch (of one kind), through `processor` if given (a steering head: branches continued by the
-    steered model), and grade each full completion; a record per branch: its key fields, its info, the completion
-    text and token ids (prefix included, cut to the budget) and whether it is `correct`."""
+    """Decode one batch (of one kind) with the model or an engine ([`Decoder`], such as vLLM's), through
+    `processor` if given (a steering head, transformers only: branches continued by the steered model), and grade
+    each full completion; a record per branch: its key fields, its info, the completion text and token ids (prefix
+    included, cut to the budget) and whether it is `correct`."""
     budget = decoding.budget - min(len(b.prefix) for b in batch)
     settings = DecodingSettings(temperature=decoding.temperature if batch[0].sampled else 0.0, top_p=decoding.top_p,
                                 max_new_tokens=max(1, budget))
-    seed = derive_seed(decoding.seed, *(b.unit_key() for b in batch))
-    completions = decode_batch(model, tokenizer, [b.prompt_ids + b.prefix for b in batch], settings, seed, processor)
+    completions = decode_units(model, tokenizer, [b.prompt_ids + b.prefix for b in batch], settings, decoding.seed,
+                               [b.unit_key() for b in batch], processor)
     records, tokens = [], 0
     for branch, completion in zip(batch, completions):
         ids = (branch.prefix + completion.token_ids)[: decoding.budget]

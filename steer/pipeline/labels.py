@@ -18,6 +18,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steer.pipeline.branching import Branch, BranchDecoding, branch_batches, continue_branches
+from steer.pipeline.decoding import Decoder
 from steer.pipeline.distributed import Workers
 from steer.pipeline.folders import RunFolder
 from steer.pipeline.folders.rollouts import RolloutFolder
@@ -87,7 +88,7 @@ def plan_labels(features: Features, records: dict[tuple[str, int], dict], tau: f
 
 
 def label_branches(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Decoder,
     tokenizer: PreTrainedTokenizerBase,
     rollouts_dir: str | os.PathLike,
     settings: LabelSettings = LabelSettings(),

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from steer.integrations.vllm import SEQUENCE_KEY, set_steering
 from steer.pipeline.decoding import Completion
+from steer.pipeline.distributed import Workers
 from steer.settings import DecodingSettings
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ class VllmDecoder:
 
 
 def vllm_decoders(model: str, tokenizer: PreTrainedTokenizerBase, head: str | None, dtype: str, seed: int,
-                  **llm_kwargs: Any) -> tuple[VllmDecoder, VllmDecoder | None]:
+                  workers: Workers = Workers(), **llm_kwargs: Any) -> tuple[VllmDecoder, VllmDecoder | None]:
     """One engine for `model`, and its decoders: the base model's, and with `head` the steered model's (the same
     steered engine with steering off, then on).
 
@@ -92,9 +93,12 @@ def vllm_decoders(model: str, tokenizer: PreTrainedTokenizerBase, head: str | No
         head (`str`, *optional*): a head folder or Hub id.
         dtype (`str`): `"auto"` (float32 on a CPU, as `steer.models` loads models; vLLM's choice elsewhere) or a
             torch dtype name.
-        seed (`int`): the engine's seed. **llm_kwargs: more `vllm.LLM` arguments.
+        seed (`int`): the engine's seed.
+        workers ([`Workers`], *optional*): this process's place when several share a job (`accelerate launch`,
+            `torchrun`): its engine is pinned to its own device (see [`steer.integrations.vllm.engine_environment`]).
+        **llm_kwargs: more `vllm.LLM` arguments.
     """
-    from steer.integrations.vllm import engine_defaults, require_vllm, steered_llm
+    from steer.integrations.vllm import engine_defaults, engine_environment, require_vllm, steered_llm
 
     require_vllm()
     from vllm import LLM
@@ -104,6 +108,9 @@ def vllm_decoders(model: str, tokenizer: PreTrainedTokenizerBase, head: str | No
         dtype = "float32"
     kwargs = {"dtype": dtype, "seed": seed, **llm_kwargs}
     if head is None:
-        return VllmDecoder(LLM(model=model, **engine_defaults(kwargs)), tokenizer, model), None
-    llm = steered_llm(model, head, **kwargs)
+        with engine_environment(workers, ranks=int(kwargs.get("tensor_parallel_size") or 1)):
+            return VllmDecoder(LLM(model=model, **engine_defaults(model, kwargs)), tokenizer, model), None
+    llm = steered_llm(model, head, workers=workers, **kwargs)
     return VllmDecoder(llm, tokenizer, model, steered=False), VllmDecoder(llm, tokenizer, model, steered=True)
+
+

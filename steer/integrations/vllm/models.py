@@ -21,6 +21,7 @@ model's). What [`steer.integrations.vllm.check_engine_arguments`] refuses raises
 from __future__ import annotations
 
 import torch
+from vllm.distributed import get_tensor_model_parallel_rank
 
 from steer.errors import SteerError
 from steer.functional import steer_logits
@@ -39,8 +40,7 @@ class SteeredModel:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = vllm_config.model_config.hf_config
         parallel = vllm_config.parallel_config
-        check_engine_arguments({"tensor_parallel_size": parallel.tensor_parallel_size,
-                                "pipeline_parallel_size": parallel.pipeline_parallel_size,
+        check_engine_arguments({"pipeline_parallel_size": parallel.pipeline_parallel_size,
                                 "speculative_config": vllm_config.speculative_config})
         head = getattr(config, HEAD_KEY, None)
         if not head:
@@ -52,20 +52,43 @@ class SteeredModel:
         self.steer_vocab = vllm_config.model_config.get_vocab_size()
         self.steer_weight: torch.Tensor | None = None
         self.steer_counts = torch.zeros(4, dtype=torch.long)  # calls, rows, gated, changed
+        # Under tensor parallelism every rank steers the same gathered logits; one rank counts.
+        self.steer_counting = get_tensor_model_parallel_rank() == 0
 
     def _steer_output_module(self) -> torch.nn.Module:
         """The module whose weight the logits are computed from (the LM head, or the tied input embedding)."""
         module = getattr(self, "lm_head", None)
         return module if module is not None else self.model.embed_tokens
 
+    def _steer_output_embedding(self) -> torch.Tensor:
+        """The whole output embedding, `[vocab, hidden]`, without vLLM's padding rows. Under tensor parallelism
+        each rank holds a slice of the vocabulary's rows, and the logits are all-gathered across ranks before
+        `compute_logits` returns them; the head needs the rows of any candidate, so the slices are gathered once
+        here, in the order the logits are gathered (the memory of one unsharded output embedding per rank)."""
+        module = self._steer_output_module()
+        weight = module.weight.detach()
+        if getattr(module, "tp_size", 1) > 1:
+            from vllm.distributed import tensor_model_parallel_all_gather
+
+            weight = tensor_model_parallel_all_gather(weight.contiguous(), dim=0)
+        return weight[: self.steer_vocab]
+
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
-        weight = self._steer_output_module().weight[: self.steer_vocab].detach()  # without vLLM's padding rows
+        weight = self._steer_output_embedding()
         self.steer_head.check_embedding(weight, type(self).__name__)
         self.steer_weight = weight
         self.steer_head.to(weight.device)
         self.steer_counts = self.steer_counts.to(weight.device)
         return loaded
+
+    @property
+    def compute_logits_local(self):
+        """Hidden on purpose. vLLM's V2 runner samples batch-sharded across tensor-parallel ranks wherever a model has
+        `compute_logits_local`, which skips `compute_logits` and so the steering; without it, vLLM falls back to
+        `compute_logits` (and says so in its log)."""
+        raise AttributeError("a steered model computes full-vocabulary logits only: batch-sharded sampling would "
+                             "skip the steering")
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         logits = super().compute_logits(hidden_states)
@@ -76,11 +99,12 @@ class SteeredModel:
         head = self.steer_head
         correction = head.project(hidden_states).to(logits.device)
         out = steer_logits(logits, correction, self.steer_weight, head.top_k, head.tau, inplace=True)
-        counts = self.steer_counts  # no host-device copy here: a decoding step must not wait on the device
-        counts[0] += 1
-        counts[1] += logits.shape[0]
-        counts[2:] += torch.stack([out.gated.sum(), out.changed.sum()])
-        latest_masks = (out.gated, out.changed)
+        if self.steer_counting:
+            counts = self.steer_counts  # no host-device copy here: a decoding step must not wait on the device
+            counts[0] += 1
+            counts[1] += logits.shape[0]
+            counts[2:] += torch.stack([out.gated.sum(), out.changed.sum()])
+            latest_masks = (out.gated, out.changed)
         return out.logits
 
 

@@ -3,13 +3,17 @@
 vLLM's own command line takes every option but the steering: [`server_arguments`] parses them with vLLM's parser and
 adds the steered architecture, the head and the worker extension to what the engine receives, as
 [`steer.integrations.vllm.steered_llm`] does offline; [`serve`] then runs vLLM's server in this process.
+
+Beside vLLM's routes the server answers `GET /steer/stats` ([`steering_stats_route`]): the engine's steering
+counters since it started, as [`steer.integrations.vllm.steering_stats`] reads them offline.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from steer.integrations.vllm import (
     check_engine_arguments,
@@ -18,6 +22,26 @@ from steer.integrations.vllm import (
     require_vllm,
     steer_overrides,
 )
+
+STATS_PATH = "/steer/stats"
+STATS_MIDDLEWARE = "steer.integrations.vllm.serve.steering_stats_route"
+
+
+async def steering_stats_route(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
+    """vLLM's server middleware (`--middleware`) that answers `GET /steer/stats` with the steering counters summed
+    over the engine's workers: `{"steps", "rows", "gated", "changed", "gated_fraction", "changed_fraction"}` (see
+    [`SteeringStats`]); every other request goes on to vLLM."""
+    if request.method != "GET" or request.url.path != STATS_PATH:
+        return await call_next(request)
+    from fastapi.responses import JSONResponse
+
+    from steer.processor import SteeringStats
+
+    counts = await request.app.state.engine_client.collective_rpc("steer_stats")
+    steps, rows, gated, changed = (sum(column) for column in zip(*counts))
+    stats = SteeringStats(steps=steps, rows=rows, gated=gated, changed=changed)
+    return JSONResponse({"steps": steps, "rows": rows, "gated": gated, "changed": changed,
+                         "gated_fraction": stats.gated_fraction, "changed_fraction": stats.changed_fraction})
 
 
 def server_arguments(model: str, head: str, host: str, port: int, vllm_args: Sequence[str]) -> argparse.Namespace:
@@ -34,10 +58,13 @@ def server_arguments(model: str, head: str, host: str, port: int, vllm_args: Seq
     args = parser.parse_args(["--model", model, "--host", host, "--port", str(port), *vllm_args])
     check_engine_arguments(vars(args))
     args.hf_overrides = {**(args.hf_overrides or {}), **steer_overrides(model, head)}
-    given = {name: value for name in ("worker_extension_cls", "kv_cache_memory_bytes", "logits_processors")
-             if (value := getattr(args, name)) is not None}
-    for name, value in engine_defaults(given).items():
+    given = {name: value for name in ("worker_extension_cls", "kv_cache_memory_bytes", "logits_processors",
+                                      "enable_chunked_prefill", "max_num_batched_tokens", "max_model_len",
+                                      "revision", "trust_remote_code", "tokenizer")
+             if (value := getattr(args, name, None)) is not None}
+    for name, value in engine_defaults(model, given).items():
         setattr(args, name, value)
+    args.middleware = [*(args.middleware or []), STATS_MIDDLEWARE]
     validate_parsed_serve_args(args)
     return args
 
