@@ -179,6 +179,24 @@ def test_cpu_prefill_defaults_keep_what_the_user_set(tmp_path):
     assert cpu_prefill_defaults(model, {"max_num_batched_tokens": 512}) == {}
 
 
+def test_serve_arguments_add_the_steering_parts_and_keep_what_the_user_set(tmp_path):
+    """vLLM's server parser gives some options a non-None default (`worker_extension_cls=""`): only what the user
+    typed may replace what a steered engine needs (the extension that `GET /steer/stats` calls)."""
+    from steer.integrations.vllm import SEQUENCE_COUNTER, WORKER_EXTENSION
+    from steer.integrations.vllm.serve import server_arguments
+
+    model, _ = save_model(tmp_path / "model", "llama")
+    planted_head(model, tmp_path / "head")
+    args = server_arguments(str(tmp_path / "model"), str(tmp_path / "head"), "127.0.0.1", 8000, [])
+    assert args.worker_extension_cls == WORKER_EXTENSION
+    assert args.logits_processors == [SEQUENCE_COUNTER]
+    assert args.enable_chunked_prefill is False and args.max_num_batched_tokens == 4096  # whole prefills on a CPU
+    mine = server_arguments(str(tmp_path / "model"), str(tmp_path / "head"), "127.0.0.1", 8000,
+                            ["--max-num-batched-tokens", "512", "--kv-cache-memory-bytes", str(64 << 20)])
+    assert mine.max_num_batched_tokens == 512 and mine.kv_cache_memory_bytes == 64 << 20
+    assert mine.worker_extension_cls == WORKER_EXTENSION
+
+
 def test_sequence_counter_loads_under_both_model_runners():
     from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
     from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_by_fqcns
@@ -421,7 +439,8 @@ def test_serve_under_mixed_load_loses_nothing(server):
                               max_tokens=NEW_TOKENS, malformed_share=0.08, hang_up_share=0.08)
     kinds = {r.malformed for r in requests} | {r.hang_up_after for r in requests}
     assert set(MALFORMED) <= kinds and 1 in kinds, "the load lacks a kind of request: the test checks less"
-    alone = {i: send(port, LoadRequest({**r.body, "stream": False})).text for i, r in enumerate(requests) if r.greedy}
+    alone = {i: send(port, r.unstreamed()).text for i, r in enumerate(requests) if r.greedy}
+    assert None not in alone.values(), "a greedy request alone was not answered"
 
     whole = [i for i, r in enumerate(requests) if r.hang_up_after is None]  # first without hang-ups: exact counts
     before = get_stats(port)

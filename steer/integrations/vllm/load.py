@@ -53,6 +53,12 @@ class LoadRequest:
     def greedy(self) -> bool:
         return self.body.get("temperature") == 0 and self.malformed is None
 
+    def unstreamed(self) -> LoadRequest:
+        """The same request answered in one response (an OpenAI server refuses `stream_options` without a
+        stream)."""
+        body = {key: value for key, value in self.body.items() if key != "stream_options"}
+        return LoadRequest({**body, "stream": False}, malformed=self.malformed)
+
 
 @dataclass(frozen=True)
 class LoadResult:

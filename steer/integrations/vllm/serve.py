@@ -25,6 +25,9 @@ from steer.integrations.vllm import (
 
 STATS_PATH = "/steer/stats"
 STATS_MIDDLEWARE = "steer.integrations.vllm.serve.steering_stats_route"
+# The server options that [`engine_defaults`] reads or fills in: a user's value wins over its default.
+ENGINE_SETTINGS = ("worker_extension_cls", "kv_cache_memory_bytes", "logits_processors", "enable_chunked_prefill",
+                   "max_num_batched_tokens", "max_model_len", "revision", "trust_remote_code", "tokenizer")
 
 
 async def steering_stats_route(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -58,10 +61,10 @@ def server_arguments(model: str, head: str, host: str, port: int, vllm_args: Seq
     args = parser.parse_args(["--model", model, "--host", host, "--port", str(port), *vllm_args])
     check_engine_arguments(vars(args))
     args.hf_overrides = {**(args.hf_overrides or {}), **steer_overrides(model, head)}
-    given = {name: value for name in ("worker_extension_cls", "kv_cache_memory_bytes", "logits_processors",
-                                      "enable_chunked_prefill", "max_num_batched_tokens", "max_model_len",
-                                      "revision", "trust_remote_code", "tokenizer")
-             if (value := getattr(args, name, None)) is not None}
+    # What the user set, told from vLLM's defaults (some are not None: `worker_extension_cls` defaults to "")
+    defaults = vars(parser.parse_args(["--model", model]))
+    given = {name: value for name in ENGINE_SETTINGS
+             if (value := getattr(args, name, None)) != defaults.get(name)}
     for name, value in engine_defaults(model, given).items():
         setattr(args, name, value)
     args.middleware = [*(args.middleware or []), STATS_MIDDLEWARE]
