@@ -182,6 +182,6 @@ def train(model, rollouts, out, cpu, as_json, **options):
     emit(record, as_json, [
         f"pool: {pool.problems} problems, {pool.rollouts} rollouts; tau = {record.tau:.3f} nats "
         f"({pool.train_points} training and {pool.heldout_points} held-out decision points)",
-        f"selected step {record.selected_step} of {settings.steps} and strength x{record.scale:g} by held-out gain; "
-        f"{record.seconds:.1f} s -> {out}",
+        f"selected step {record.selected_step} of {settings.steps} and strength x{record.scale:g} by held-out gain "
+        f"(one-standard-error rule); {record.seconds:.1f} s -> {out}",
     ], head=out)

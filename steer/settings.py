@@ -134,8 +134,9 @@ class TrainSettings:
             rollouts_per_step (`int`, defaults to 8), grad_clip (`float`, defaults to 1.0): AdamW schedule.
         heldout_fraction (`float`, defaults to 0.2): share of pool problems held out to choose the checkpoint.
         scales (`tuple[float, ...]`, defaults to `(0.5, 1, 2, 4, 8)`): the correction strengths tried after training;
-            the head keeps the one with the best held-out gain (training stops early, by held-out gain, before the
-            correction grows large, so a trained head is often too timid). `(1.0,)` keeps the trained strength.
+            the head keeps the smallest whose held-out gain is within one standard error of the best (as it keeps
+            the earliest such checkpoint; see [`steer.pipeline.training.select_within_one_se`]). `(1.0,)` keeps the
+            trained strength.
         eval_every (`int`, defaults to 10): steps between held-out evaluations.
         objective (`str`, defaults to `"unlikelihood"`): `"unlikelihood"` or the paper's `"recipe"` (see
             :mod:`steer.pipeline.objective`); for advantage labels.

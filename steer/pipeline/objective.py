@@ -15,13 +15,15 @@ at q = 0:
     mean_t [ -A log q(y_t)  if A >= 0  else  A log(1 - q(y_t)) ] + kl_weight * mean_t KL(p || q)
 
 `gain`, mean_t A (q(y_t) / p(y_t) - 1), is a bounded, importance-weighted estimate of how much more often the
-steered model would make the better-than-average choices; training keeps the checkpoint with the best held-out gain.
+steered model would make the better-than-average choices; training chooses its checkpoint and strength by the
+held-out gain (see [`steer.pipeline.training.select_within_one_se`]).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +32,31 @@ from steer.pipeline.folders.rollouts import RolloutKey
 from steer.pipeline.folders.scores import Features
 
 MASKED = -1e9  # log-probability of an empty candidate slot: exp underflows to 0 without producing NaN
+
+
+class Objective(NamedTuple):
+    """The loss on a batch of points, its parts, and each point's gain.
+
+    Attributes:
+        loss (`torch.Tensor`, scalar): what training minimises, `policy + kl_weight * kl`.
+        policy (`torch.Tensor`, scalar), kl (`torch.Tensor`, scalar): its two parts.
+        point_gain (`torch.Tensor` of shape `(M,)`): each point's contribution to the gain (higher is better; 0 for
+            a head that changes nothing). Its mean is the batch's `gain`.
+    """
+
+    loss: torch.Tensor
+    policy: torch.Tensor
+    kl: torch.Tensor
+    point_gain: torch.Tensor
+
+    @property
+    def gain(self) -> torch.Tensor:
+        return self.point_gain.mean()
+
+    def values(self) -> dict[str, float]:
+        """The scalars as floats, for a training curve: loss, policy, kl and gain."""
+        return {"loss": float(self.loss.detach()), "policy": float(self.policy.detach()),
+                "kl": float(self.kl.detach()), "gain": float(self.gain.detach())}
 
 
 class Points:
@@ -47,9 +74,8 @@ class Points:
     def __len__(self) -> int:
         return self.rollout.shape[0]
 
-    def loss(self, head: CorrectionHead, embedding: torch.Tensor, kl_weight: float,
-             objective: str) -> dict[str, torch.Tensor]:
-        """`loss` to minimise and its parts, with `gain`, the held-out criterion (higher is better)."""
+    def loss(self, head: CorrectionHead, embedding: torch.Tensor, kl_weight: float, objective: str) -> Objective:
+        """The [`Objective`] of `head` on these points: the loss to minimise, its parts, and each point's gain."""
         raise NotImplementedError
 
 
@@ -76,8 +102,7 @@ class DecisionBatch(Points):
     advantage: torch.Tensor
     rollout: torch.Tensor
 
-    def loss(self, head: CorrectionHead, embedding: torch.Tensor, kl_weight: float,
-             objective: str) -> dict[str, torch.Tensor]:
+    def loss(self, head: CorrectionHead, embedding: torch.Tensor, kl_weight: float, objective: str) -> Objective:
         return contrastive_loss(head, self, embedding, kl_weight, objective)
 
 
@@ -98,8 +123,7 @@ class BranchBatch(Points):
     success: torch.Tensor
     rollout: torch.Tensor
 
-    def loss(self, head: CorrectionHead, embedding: torch.Tensor, kl_weight: float,
-             objective: str) -> dict[str, torch.Tensor]:
+    def loss(self, head: CorrectionHead, embedding: torch.Tensor, kl_weight: float, objective: str) -> Objective:
         return branch_loss(head, self, embedding, kl_weight)
 
 
@@ -134,9 +158,9 @@ def decision_batch(features: Features, advantages: dict[RolloutKey, float], tau:
 def contrastive_loss(
     head: CorrectionHead, batch: DecisionBatch, embedding: torch.Tensor, kl_weight: float,
     objective: str = "unlikelihood",
-) -> dict[str, torch.Tensor]:
+) -> Objective:
     """The advantage-weighted contrastive loss (module docstring; `objective` is "unlikelihood" or "recipe") and its
-    parts, plus the gain `mean A (q(y) / p(y) - 1)`, an offline estimate of the head's improvement (higher is
+    parts, with each point's gain `A (q(y) / p(y) - 1)`, an offline estimate of the head's improvement (higher is
     better)."""
     delta = head(batch.hidden, embedding[batch.ids], batch.steerable)
     log_q = torch.log_softmax(batch.base + delta, dim=-1)
@@ -149,12 +173,7 @@ def contrastive_loss(
         not_chosen = torch.log(-torch.expm1(chosen_q.clamp(max=-1e-6)))
         policy = torch.where(batch.advantage >= 0, -batch.advantage * chosen_q, batch.advantage * not_chosen).mean()
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
-    return {
-        "loss": policy + kl_weight * kl,
-        "policy": policy,
-        "kl": kl,
-        "gain": (batch.advantage * torch.expm1(chosen_q - chosen_p)).mean(),
-    }
+    return Objective(policy + kl_weight * kl, policy, kl, batch.advantage * torch.expm1(chosen_q - chosen_p))
 
 
 def branch_batch(features: Features, labels: dict[tuple[str, int, int], list[float]], tau: float,
@@ -178,19 +197,17 @@ def branch_batch(features: Features, labels: dict[tuple[str, int, int], list[flo
     )
 
 
-def branch_loss(head: CorrectionHead, batch: BranchBatch, embedding: torch.Tensor,
-                kl_weight: float) -> dict[str, torch.Tensor]:
+def branch_loss(head: CorrectionHead, batch: BranchBatch, embedding: torch.Tensor, kl_weight: float) -> Objective:
     """The branch-labelled objective: raise the expected success of the steered choice among the top-k,
 
         mean_t [ -sum_j q_j (s_j - mean_j s_j) ] + kl_weight * mean_t KL(p || q),
 
-    with q the steered and p the base distribution over the k candidates and s_j each candidate's success rate;
-    `gain` is the expected success gained at the points, mean_t sum_j (q_j - p_j) s_j."""
+    with q the steered and p the base distribution over the k candidates and s_j each candidate's success rate; a
+    point's gain is the expected success gained there, sum_j (q_j - p_j) s_j."""
     delta = head(batch.hidden, embedding[batch.ids])
     log_q = torch.log_softmax(batch.base + delta, dim=-1)
     log_p = torch.log_softmax(batch.base, dim=-1)
     q, p = log_q.exp(), log_p.exp()
     policy = -(q * (batch.success - batch.success.mean(dim=-1, keepdim=True))).sum(dim=-1).mean()
     kl = (p * (log_p - log_q)).sum(dim=-1).mean()
-    return {"loss": policy + kl_weight * kl, "policy": policy, "kl": kl,
-            "gain": ((q - p) * batch.success).sum(dim=-1).mean()}
+    return Objective(policy + kl_weight * kl, policy, kl, ((q - p) * batch.success).sum(dim=-1))

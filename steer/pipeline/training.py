@@ -1,8 +1,10 @@
 """Step 4 of the method: train the correction head on the decision points of the pool's rollouts.
 
 The objective (:mod:`steer.pipeline.objective`) is the ReasonMaxxer recipe's advantage-weighted contrastive loss,
-restricted to the base top-k candidates. Training keeps the checkpoint with the best held-out gain, then chooses the
-correction's strength the same way. It reads the cached features of `steer score`; it never runs the model."""
+restricted to the base top-k candidates. The checkpoint, then the correction's strength, are chosen on held-out
+problems by the one-standard-error rule ([`select_within_one_se`]): the earliest checkpoint (the untrained head,
+which changes nothing, included) and then the smallest strength whose held-out gain is within one standard error of
+the best. It reads the cached features of `steer score`; it never runs the model."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,7 +68,9 @@ class TrainingRecord:
             folder and content hashes of its rollouts and scores index.
         settings ([`TrainSettings`]). tau (`float`): the resolved decision threshold (nats). pool ([`PoolRecord`]).
         curve (`list[dict]`): per step: lr, loss, policy, kl, gain. heldout (`list[dict]`): the held-out evaluations.
-        selected_step (`int`), scale (`float`), scale_gains (`dict[str, float]`): the checkpoint and strength kept.
+        selected_step (`int`), scale (`float`): the checkpoint (0: the untrained head) and strength kept.
+        scale_gains (`dict[str, float]`), scale_gain_errors (`dict[str, float]`): the held-out gain of each strength
+            tried at the kept checkpoint, and its standard error over held-out problems.
         seconds (`float`): training time, loading included.
         warnings (`list[str]`): what a user should know before decoding with the head (see [`GATE_WARNING`] and
             [`HELDOUT_PROBLEMS_WARNING`]).
@@ -84,6 +89,7 @@ class TrainingRecord:
     scale_gains: dict[str, float]
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    scale_gain_errors: dict[str, float] = field(default_factory=dict)
 
     def save(self, out_dir: str | os.PathLike) -> None:
         atomic_write_json(Path(out_dir) / TRAINING_FILE, asdict(self))
@@ -148,14 +154,17 @@ def train_head(
     heldout_problems = _heldout_problems(pool, settings)
     in_heldout = torch.tensor([key[0] in heldout_problems for key in features.keys], device=embedding.device)
     train, heldout = points.select(~in_heldout[points.rollout]), points.select(in_heldout[points.rollout])
+    problem_ids = sorted({key[0] for key in features.keys})
+    rollout_problem = torch.tensor([problem_ids.index(key[0]) for key in features.keys], device=embedding.device)
+    heldout_groups = rollout_problem[heldout.rollout] if len(heldout) else torch.zeros(0, dtype=torch.long)
     if len(train) == 0:
         source = "labelled by `steer label` " if settings.labels == "branches" else ""
         raise ValueError(f"no decision point {source}above tau = {tau:.3f} nats in the training rollouts; lower tau")
 
     head = CorrectionHead.for_model(model, rank=settings.rank, top_k=settings.top_k, tau=tau, seed=settings.seed)
     head.config.tau_quantile = quantile
-    fit = fit_head(head, train, heldout, embedding, settings, progress)
-    scale_gains = choose_scale(head, heldout, embedding, settings)
+    fit = fit_head(head, train, heldout, embedding, settings, progress, heldout_groups)
+    scale_gains = choose_scale(head, heldout, embedding, settings, heldout_groups)
     record = TrainingRecord(
         steer=__version__,
         model=model.name_or_path,
@@ -175,9 +184,11 @@ def train_head(
         heldout=fit.evaluations,
         selected_step=fit.selected_step,
         scale=head.scale,
-        scale_gains=scale_gains,
+        scale_gains={str(scale): gain.mean for scale, gain in scale_gains.items()},
+        scale_gain_errors={str(scale): gain.standard_error for scale, gain in scale_gains.items()},
         seconds=time.perf_counter() - start,
-        warnings=gate_warnings(features, tau) + selection_warnings(len(heldout_problems), len(heldout)),
+        warnings=(gate_warnings(features, tau) + selection_warnings(len(heldout_problems), len(heldout))
+                  + untrained_warnings(fit.selected_step, len(heldout))),
     )
     return TrainResult(head, record)
 
@@ -203,6 +214,15 @@ def selection_warnings(problems: int, points: int) -> list[str]:
             f"--heldout-fraction"]
 
 
+def untrained_warnings(selected_step: int, heldout_points: int) -> list[str]:
+    """A warning when no checkpoint's held-out gain was one standard error above the untrained head's."""
+    if selected_step > 0 or heldout_points == 0:
+        return []
+    return ["no checkpoint's held-out gain was one standard error above that of the untrained head, which changes "
+            "nothing: the head keeps its untrained weights and decodes as the base model (more rollouts, more "
+            "held-out problems or branch labels may give it a signal to learn)"]
+
+
 def _heldout_problems(pool: Pool, settings: TrainSettings) -> set[str]:
     problems = sorted(pool.pass_rates)
     count = min(len(problems) - 1, round(settings.heldout_fraction * len(problems)))
@@ -218,10 +238,41 @@ def _schedule(step: int, settings: TrainSettings) -> float:
     return max(0.0, (settings.steps - step) / max(1, settings.steps - warmup))
 
 
+@dataclass(frozen=True)
+class HeldoutGain:
+    """A head's gain on held-out points: the mean over held-out problems of each problem's mean point gain, and the
+    standard error of that mean (0 with fewer than two problems, where no spread can be measured)."""
+
+    mean: float
+    standard_error: float
+
+
+def select_within_one_se(gains: Sequence[HeldoutGain]) -> int:
+    """The one-standard-error rule: the index of the first of `gains` (ordered from the simplest choice: the
+    earliest checkpoint, the smallest strength) whose mean is at least the best mean less the best's standard
+    error.
+
+    Taking the largest raw held-out gain chases noise when held-out problems are few: on SmolLM2's word problems it
+    kept strength x8 on 4 held-out problems, and the head then changed 70% of the steps it gated. A simpler choice
+    that the data cannot tell from the best is kept instead.
+
+    Example:
+
+    ```python
+    >>> select_within_one_se([HeldoutGain(0.0, 0.0), HeldoutGain(0.02, 0.01), HeldoutGain(0.025, 0.01)])
+    1
+    ```
+    """
+    if not gains:
+        raise ValueError("no held-out gains to choose from")
+    best = max(gains, key=lambda gain: gain.mean)
+    return next(i for i, gain in enumerate(gains) if gain.mean >= best.mean - best.standard_error)
+
+
 @dataclass
 class Fit:
-    """How [`fit_head`] went: the training `curve` (one entry per step), the held-out `evaluations`, and the step
-    whose weights the head now holds."""
+    """How [`fit_head`] went: the training `curve` (one entry per step), the held-out `evaluations` (step 0 is the
+    untrained head), and the step whose weights the head now holds."""
 
     curve: list[dict]
     evaluations: list[dict]
@@ -235,10 +286,11 @@ def fit_head(
     embedding: torch.Tensor,
     settings: TrainSettings = TrainSettings(),
     progress: bool = False,
+    heldout_groups: torch.Tensor | None = None,
 ) -> Fit:
-    """Optimise `head` on the `train` decision points with AdamW, evaluating on `heldout` every
-    `settings.eval_every` steps, and leave it holding the weights with the best held-out gain (the last weights
-    when `heldout` is empty).
+    """Optimise `head` on the `train` decision points with AdamW, evaluating on `heldout` before training and every
+    `settings.eval_every` steps, and leave it holding the weights that [`select_within_one_se`] chooses (the last
+    weights when `heldout` is empty).
 
     Args:
         head ([`CorrectionHead`]): the head to train (in place).
@@ -246,57 +298,84 @@ def fit_head(
         embedding (`torch.Tensor` of shape `(vocab_size, hidden_size)`): the model's output embedding.
         settings ([`TrainSettings`]): loss and optimiser settings (the pool settings are not used here).
         progress (`bool`, defaults to `False`): show a progress bar.
+        heldout_groups (`torch.LongTensor` of shape `(len(heldout),)`, *optional*): the problem of each held-out
+            point, over which standard errors are taken (defaults to each point its own problem).
     """
     head.to(embedding.device).train()
     optimiser = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: _schedule(step, settings))
     generator = torch.Generator().manual_seed(settings.seed)
     rollouts = train.rollout.unique()
-    curve, evaluations = [], []
-    best = {"step": 0, "gain": -math.inf, "state": copy.deepcopy(head.state_dict())}
+    curve, evaluations, states = [], [], []
+
+    def checkpoint(step: int) -> None:
+        evaluation = _evaluate(head, heldout, embedding, settings, heldout_groups)
+        evaluations.append({"step": step, **evaluation})
+        states.append(copy.deepcopy(head.state_dict()))
+
+    if len(heldout):
+        checkpoint(0)
     for step in tqdm(range(1, settings.steps + 1), disable=not progress, desc="training", unit="step"):
         chosen = rollouts[torch.randperm(len(rollouts), generator=generator)[: settings.rollouts_per_step]]
         batch = train.select(torch.isin(train.rollout, chosen.to(train.rollout.device)))
-        parts = batch.loss(head, embedding, settings.kl_weight, settings.objective)
+        objective = batch.loss(head, embedding, settings.kl_weight, settings.objective)
         optimiser.zero_grad()
-        parts["loss"].backward()
+        objective.loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), settings.grad_clip)
         optimiser.step()
         scheduler.step()
-        values = {name: float(value.detach()) for name, value in parts.items()}
-        curve.append({"step": step, "lr": scheduler.get_last_lr()[0], **values})
+        curve.append({"step": step, "lr": scheduler.get_last_lr()[0], **objective.values()})
         if len(heldout) and (step % settings.eval_every == 0 or step == settings.steps):
-            evaluation = _evaluate(head, heldout, embedding, settings)
-            evaluations.append({"step": step, **evaluation})
-            if evaluation["gain"] > best["gain"]:
-                best = {"step": step, "gain": evaluation["gain"], "state": copy.deepcopy(head.state_dict())}
-    if not len(heldout):
-        best = {"step": settings.steps, "gain": math.nan, "state": copy.deepcopy(head.state_dict())}
-    head.load_state_dict(best["state"])
+            checkpoint(step)
     head.eval()
-    return Fit(curve, evaluations, best["step"])
+    if not len(heldout):
+        return Fit(curve, evaluations, settings.steps)
+    chosen = select_within_one_se([HeldoutGain(e["gain"], e["gain_se"]) for e in evaluations])
+    head.load_state_dict(states[chosen])
+    return Fit(curve, evaluations, evaluations[chosen]["step"])
 
 
 def choose_scale(
-    head: CorrectionHead, heldout: Points, embedding: torch.Tensor, settings: TrainSettings
-) -> dict[str, float]:
-    """Set `head.scale` to the strength in `settings.scales` with the best held-out gain (the smallest of equals;
-    1.0 when there are no held-out points) and return the gain of each strength tried."""
+    head: CorrectionHead, heldout: Points, embedding: torch.Tensor, settings: TrainSettings,
+    heldout_groups: torch.Tensor | None = None,
+) -> dict[float, HeldoutGain]:
+    """Set `head.scale` to the smallest strength in `settings.scales` whose held-out gain is within one standard
+    error of the best ([`select_within_one_se`]; 1.0 when there are no held-out points) and return the held-out
+    gain of each strength tried (`heldout_groups` as for [`fit_head`])."""
     if not len(heldout):
         head.scale = 1.0
         return {}
     gains = {}
     for scale in sorted(settings.scales):
         head.scale = scale
-        gains[scale] = _evaluate(head, heldout, embedding, settings)["gain"]
-    head.scale = max(gains, key=lambda scale: gains[scale])
-    return {str(scale): gain for scale, gain in gains.items()}
+        evaluation = _evaluate(head, heldout, embedding, settings, heldout_groups)
+        gains[scale] = HeldoutGain(evaluation["gain"], evaluation["gain_se"])
+    head.scale = list(gains)[select_within_one_se(list(gains.values()))]
+    return gains
 
 
 @torch.no_grad()
-def _evaluate(head: CorrectionHead, heldout: Points, embedding: torch.Tensor, settings: TrainSettings) -> dict:
-    parts = heldout.loss(head, embedding, settings.kl_weight, settings.objective)
-    return {name: float(value) for name, value in parts.items()}
+def _evaluate(head: CorrectionHead, heldout: Points, embedding: torch.Tensor, settings: TrainSettings,
+              groups: torch.Tensor | None) -> dict[str, float]:
+    """The held-out loss and its parts (means over points), and the gain as a [`HeldoutGain`] over problems:
+    `gain` and `gain_se`."""
+    objective = heldout.loss(head, embedding, settings.kl_weight, settings.objective)
+    gain = problem_gain(objective.point_gain, groups)
+    return {**objective.values(), "gain": gain.mean, "gain_se": gain.standard_error}
+
+
+def problem_gain(point_gain: torch.Tensor, groups: torch.Tensor | None) -> HeldoutGain:
+    """[`HeldoutGain`] of per-point gains grouped by problem (`groups[i]` the problem of point i; `None`: each point
+    its own problem)."""
+    if groups is None:
+        groups = torch.arange(len(point_gain), device=point_gain.device)
+    _, index = groups.unique(return_inverse=True)
+    count = int(index.max()) + 1
+    sums = torch.zeros(count, dtype=torch.float64, device=point_gain.device).index_add_(0, index, point_gain.double())
+    sizes = torch.bincount(index, minlength=count).double()
+    means = sums / sizes
+    error = float(means.std() / math.sqrt(count)) if count > 1 else 0.0
+    return HeldoutGain(float(means.mean()), error)
 
 
 def _fingerprint_data(folder: RolloutFolder) -> dict[str, str]:

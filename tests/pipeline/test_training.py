@@ -11,12 +11,16 @@ from steer.pipeline.objective import MASKED, DecisionBatch, contrastive_loss, de
 from steer.pipeline.pool import NoContrastError, select_pool
 from steer.pipeline.training import (
     HELDOUT_PROBLEMS_WARNING,
+    HeldoutGain,
     TrainSettings,
     _schedule,
     choose_scale,
     fit_head,
     gate_warnings,
+    problem_gain,
+    select_within_one_se,
     selection_warnings,
+    untrained_warnings,
 )
 from steer.settings import OBJECTIVES
 
@@ -144,8 +148,7 @@ def loss_parts(shift: float, advantage: float, objective: str = "unlikelihood") 
     def head(hidden: torch.Tensor, embedding: torch.Tensor, steerable: torch.Tensor) -> torch.Tensor:
         return torch.tensor([[shift, -shift, 0.0]])  # centred over the two steerable candidates
 
-    parts = contrastive_loss(head, batch, torch.zeros(VOCAB, HIDDEN), 0.0, objective)
-    return {name: float(value) for name, value in parts.items()}
+    return contrastive_loss(head, batch, torch.zeros(VOCAB, HIDDEN), 0.0, objective).values()
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -167,32 +170,81 @@ def test_unlikelihood_push_down_is_bounded_where_the_recipe_is_not():
 
 def test_gain_is_bounded_and_signed():
     """The held-out gain A (q/p - 1) is positive when the head favours a rewarded choice, at most A (1/p - 1)."""
-    gains = [loss_parts(shift, 1.0)["gain"] for shift in (-3.0, 0.0, 3.0, 50.0)]
+    gains = [loss_parts(shift, 1.0)["gain"] for shift in (-3.0, 0.0, 3.0, 50.0)]  # one point: its gain
     assert gains[0] < 0 == gains[1] < gains[2] < gains[3] <= 1.0 + 1e-6
 
 
 def test_strength_is_chosen_by_held_out_gain(seed):
     """A head that points the right way but timidly is made stronger; one that points the wrong way is damped to
-    the smallest strength tried; the choice is the argmax of the recorded gains."""
+    the smallest strength tried; the choice is the smallest strength within one standard error of the best."""
     world = World(seed)
     records, features = world.rollouts(200, torch.Generator().manual_seed(seed))
     pool = select_pool(records, problems=200, keep_shortest=1.0)
     points = decision_batch(features, pool.advantages, tau=1.0, top_k=K)
+    groups = torch.tensor([int(features.keys[i][0][1:]) for i in points.rollout])
     head = CorrectionHead(HeadConfig(hidden_size=HIDDEN, vocab_size=VOCAB, rank=HIDDEN, top_k=K, tau=1.0))
     with torch.no_grad():  # delta_j = 0.01 <W_u[j], M h>: the right candidate's logit is the largest, barely
         head.down.copy_(torch.eye(HIDDEN))
         head.up.copy_(0.01 * world.mixing)
     settings = TrainSettings(scales=(0.5, 1.0, 10.0, 100.0))
-    gains = choose_scale(head, points, world.embedding, settings)
-    assert head.scale == 100.0 and max(gains, key=gains.get) == "100.0" and gains["100.0"] > gains["1.0"]
+    gains = choose_scale(head, points, world.embedding, settings, groups)
+    best = max(gains.values(), key=lambda gain: gain.mean)
+    assert gains[100.0].mean > gains[1.0].mean + gains[1.0].standard_error  # timid strengths are clearly worse
+    assert head.scale == min(scale for scale, gain in gains.items() if gain.mean >= best.mean - best.standard_error)
+    assert head.scale >= 10.0
     with torch.no_grad():
         head.up.neg_()
-    choose_scale(head, points, world.embedding, settings)
+    choose_scale(head, points, world.embedding, settings, groups)
     assert head.scale == 0.5
     choose_scale(head, points.select(torch.zeros(len(points), dtype=torch.bool)), world.embedding, settings)
     assert head.scale == 1.0
     with pytest.raises(ValueError, match="scales"):
         TrainSettings(scales=())
+
+
+def test_one_standard_error_rule_keeps_the_simplest_choice_the_data_cannot_tell_from_the_best():
+    assert select_within_one_se([HeldoutGain(0.0, 0.0), HeldoutGain(0.05, 0.01), HeldoutGain(0.055, 0.01)]) == 1
+    assert select_within_one_se([HeldoutGain(0.0, 0.0), HeldoutGain(0.01, 0.02), HeldoutGain(0.03, 0.04)]) == 0
+    assert select_within_one_se([HeldoutGain(-0.1, 0.0), HeldoutGain(0.2, 0.01), HeldoutGain(0.1, 0.05)]) == 1
+    with pytest.raises(ValueError, match="no held-out gains"):
+        select_within_one_se([])
+
+
+def test_problem_gain_averages_each_problem_first():
+    """Standard errors are over problems, not points: a problem with many points weighs as much as one with few."""
+    gain = problem_gain(torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0]), torch.tensor([3, 3, 3, 3, 7]))
+    assert gain.mean == pytest.approx(0.0) and gain.standard_error == pytest.approx(1.0)
+    single = problem_gain(torch.tensor([0.5, 0.1]), torch.tensor([0, 0]))
+    assert single.mean == pytest.approx(0.3) and single.standard_error == 0.0
+    assert problem_gain(torch.tensor([0.2, 0.4]), None).mean == pytest.approx(0.3)
+
+
+def test_training_keeps_the_earliest_checkpoint_within_one_standard_error_of_the_best(seed):
+    """Step 0 (the untrained head, which changes nothing) is a candidate: on real rewards a trained step beats it
+    clearly and is kept; on shuffled rewards whatever is kept is the earliest evaluation within one standard error
+    of the best, and the head holds that evaluation's weights."""
+    world = World(seed)
+    for shuffle in (False, True):
+        records, features = world.rollouts(200, torch.Generator().manual_seed(seed), shuffle=shuffle)
+        pool = select_pool(records, problems=200, keep_shortest=1.0)
+        points = decision_batch(features, pool.advantages, tau=1.0, top_k=K)
+        problem = torch.tensor([int(features.keys[i][0][1:]) for i in points.rollout])
+        heldout = problem >= 150
+        head = CorrectionHead(HeadConfig(hidden_size=HIDDEN, vocab_size=VOCAB, rank=8, top_k=K, tau=1.0))
+        settings = TrainSettings(steps=100, warmup_steps=10, rollouts_per_step=64, lr=1e-2, kl_weight=0.05)
+        fit = fit_head(head, points.select(~heldout), points.select(heldout), world.embedding, settings,
+                       heldout_groups=problem[heldout])
+        first = fit.evaluations[0]
+        assert first["step"] == 0 and first["gain"] == 0.0 and first["gain_se"] == 0.0
+        best = max(fit.evaluations, key=lambda e: e["gain"])
+        chosen = next(e for e in fit.evaluations if e["gain"] >= best["gain"] - best["gain_se"])
+        assert fit.selected_step == chosen["step"]
+        with torch.no_grad():
+            now = points.select(heldout).loss(head, world.embedding, settings.kl_weight, settings.objective)
+        assert problem_gain(now.point_gain, problem[heldout]).mean == pytest.approx(chosen["gain"], abs=1e-6)
+        if not shuffle:
+            assert fit.selected_step > 0 and not untrained_warnings(fit.selected_step, 1)
+    assert untrained_warnings(0, 1) and not untrained_warnings(0, 0)
 
 
 def test_unknown_objective_is_refused():
