@@ -11,7 +11,8 @@
 # 3. times the goal grid (bf16, V 151936, k 5, B 1-256: fused, eager, torch.compile, read-only roofline, copy; CUDA
 #    graph replay and eager loop), a smaller sweep over other vocabularies, dtypes and k, and steer.generate against
 #    generate on a 1B-class random Llama;
-# 4. writes everything under benches/results/ with the device's name: gpu-check-<device>.log (versions, test output,
+# 4. where vLLM is installed, runs the steered-vLLM tests on the V2 model runner;
+# 5. writes everything under benches/results/ with the device's name: gpu-check-<device>.log (versions, test output,
 #    tables, goals), kernel-<device>.json, kernel-sweep-<device>.json, generate-overhead-<device>.json.
 #
 # Every stage has its own time limit and the script goes on after a failure, so the results of the others land.
@@ -59,6 +60,15 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log it, remem
     stage "sweep" 60 $python benches/kernel.py --batch 1,256 --vocab 32000,262144 --dtype fp16,fp32 --k 1,16 \
         --rivals fused,read,copy --out "$results/kernel-sweep-$slug.json"
     stage "generate overhead" 70 $python benches/kernel.py --generate-overhead
+    # vLLM's V2 model runner (the default on CUDA since vLLM 0.32) with steered models: the steered engine against
+    # steer.generate, batching, the evaluation engine, and the per-request counter under V2's request slots.
+    if $python -c "import vllm" 2>/dev/null; then
+        stage "vLLM V2 runner, steered" 300 env VLLM_USE_V2_MODEL_RUNNER=1 $python -m pytest -q -p no:cacheprovider \
+            tests/integrations/test_vllm.py -k "decodes_as_steer_generate or batching or eval_engine_vllm or counter"
+    else
+        echo "== vLLM V2 runner: skipped, vLLM is not installed (the GPU image lacks it, and its CUDA wheel is larger"
+        echo "   than the 64 MiB a device run may carry)"
+    fi
     echo "== done in ${SECONDS}s, status $status"
     exit "$status"
 } 2>&1 | tee "$log"

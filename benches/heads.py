@@ -105,7 +105,20 @@ def make_heads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, probl
     stages.run("rollouts", lambda: run_rollouts(engine, tokenizer, problems, rollouts_dir, rollouts))
     stages.run("scoring", lambda: score_rollouts(model, rollouts_dir, score))
     stages.run("labels", lambda: label_branches(engine, tokenizer, rollouts_dir, labels))
-    parameters = sum(p.numel() for p in model.parameters())
+    for name, source in LABEL_SOURCES.items():
+        folder = out / name.replace(" ", "-")
+        if not (folder / TRAINING_FILE).exists():
+            stages.record.pop(f"train {source}", None)  # a head not saved was not trained: time it again
+            stages.run(f"train {source}", lambda s=source, f=folder: train_head(model, rollouts_dir,
+                                                                                 replace(train, labels=s)).save(f))
+    return head_runs(out, sum(p.numel() for p in model.parameters()), train.steps)
+
+
+def head_runs(out: Path, parameters: int, steps: int = TrainSettings.steps) -> dict[str, HeadRun]:
+    """The heads [`make_heads`] made under `out`, with what each cost (read from the folders: nothing runs), for a
+    model of `parameters` parameters whose heads trained `steps` steps."""
+    stages = Stages(out)
+    rollouts_dir = out / "rollouts"
     records = RolloutFolder(rollouts_dir).records(("prompt_ids", "completion_ids"))
     rollout_tokens = sum(map(rollout_length, records))
     prompts = {(r["problem_id"], r["sample"]): r["prompt_ids"] for r in records}
@@ -114,13 +127,9 @@ def make_heads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, probl
     heads = {}
     for name, source in LABEL_SOURCES.items():
         folder = out / name.replace(" ", "-")
-        if not (folder / TRAINING_FILE).exists():
-            stages.record.pop(f"train {source}", None)  # a head not saved was not trained: time it again
-            stages.run(f"train {source}", lambda s=source, f=folder: train_head(model, rollouts_dir,
-                                                                                 replace(train, labels=s)).save(f))
         head = CorrectionHead.from_pretrained(folder)
         points = json.loads((folder / TRAINING_FILE).read_text())["pool"]["train_points"]
-        training_flops = 6 * sum(p.numel() for p in head.parameters()) * points * train.steps
+        training_flops = 6 * sum(p.numel() for p in head.parameters()) * points * steps
         tokens = 2 * rollout_tokens + (label_tokens if source == "branches" else 0)  # generated, then scored
         stage_names = ["rollouts", "scoring", *(["labels"] if source == "branches" else []), f"train {source}"]
         heads[name] = HeadRun(name, folder, head, stages.seconds(*stage_names), tokens,

