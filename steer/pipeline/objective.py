@@ -35,26 +35,42 @@ MASKED = -1e9  # log-probability of an empty candidate slot: exp underflows to 0
 
 
 class Objective(NamedTuple):
-    """The loss on a batch of points, its parts, and each point's gain.
+    """The objective on a batch of M points, point by point.
 
     Attributes:
-        loss (`torch.Tensor`, scalar): what training minimises, `policy + kl_weight * kl`.
-        policy (`torch.Tensor`, scalar), kl (`torch.Tensor`, scalar): its two parts.
-        point_gain (`torch.Tensor` of shape `(M,)`): each point's contribution to the gain (higher is better; 0 for
-            a head that changes nothing). Its mean is the batch's `gain`.
+        point_policy (`torch.Tensor` of shape `(M,)`): each point's policy term.
+        point_kl (`torch.Tensor` of shape `(M,)`): each point's anchor, `KL(p || q)` over its candidates.
+        point_gain (`torch.Tensor` of shape `(M,)`): each point's gain (higher is better; 0 for a head that changes
+            nothing).
+        kl_weight (`float`): the anchor's weight in `loss`.
+
+    `loss`, `policy`, `kl` and `gain` are the batch means (`loss = policy + kl_weight * kl`), what training
+    minimises and reports.
     """
 
-    loss: torch.Tensor
-    policy: torch.Tensor
-    kl: torch.Tensor
+    point_policy: torch.Tensor
+    point_kl: torch.Tensor
     point_gain: torch.Tensor
+    kl_weight: float
+
+    @property
+    def policy(self) -> torch.Tensor:
+        return self.point_policy.mean()
+
+    @property
+    def kl(self) -> torch.Tensor:
+        return self.point_kl.mean()
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.policy + self.kl_weight * self.kl
 
     @property
     def gain(self) -> torch.Tensor:
         return self.point_gain.mean()
 
     def values(self) -> dict[str, float]:
-        """The scalars as floats, for a training curve: loss, policy, kl and gain."""
+        """The batch means as floats, for a training curve: loss, policy, kl and gain."""
         return {"loss": float(self.loss.detach()), "policy": float(self.policy.detach()),
                 "kl": float(self.kl.detach()), "gain": float(self.gain.detach())}
 
@@ -75,7 +91,7 @@ class Points:
         return self.rollout.shape[0]
 
     def loss(self, head: CorrectionHead, embedding: torch.Tensor, kl_weight: float, objective: str) -> Objective:
-        """The [`Objective`] of `head` on these points: the loss to minimise, its parts, and each point's gain."""
+        """The [`Objective`] of `head` on these points: the loss to minimise and its parts, point by point."""
         raise NotImplementedError
 
 
@@ -168,12 +184,12 @@ def contrastive_loss(
     chosen_q = log_q.gather(-1, batch.target.unsqueeze(-1)).squeeze(-1)
     chosen_p = log_p.gather(-1, batch.target.unsqueeze(-1)).squeeze(-1)
     if objective == "recipe":
-        policy = -(batch.advantage * chosen_q).mean()
+        policy = -batch.advantage * chosen_q
     else:  # pushing a worse-than-average choice down stops at zero probability instead of at log 0 = -inf
         not_chosen = torch.log(-torch.expm1(chosen_q.clamp(max=-1e-6)))
-        policy = torch.where(batch.advantage >= 0, -batch.advantage * chosen_q, batch.advantage * not_chosen).mean()
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
-    return Objective(policy + kl_weight * kl, policy, kl, batch.advantage * torch.expm1(chosen_q - chosen_p))
+        policy = torch.where(batch.advantage >= 0, -batch.advantage * chosen_q, batch.advantage * not_chosen)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    return Objective(policy, kl, batch.advantage * torch.expm1(chosen_q - chosen_p), kl_weight)
 
 
 def branch_batch(features: Features, labels: dict[tuple[str, int, int], list[float]], tau: float,
@@ -208,6 +224,6 @@ def branch_loss(head: CorrectionHead, batch: BranchBatch, embedding: torch.Tenso
     log_q = torch.log_softmax(batch.base + delta, dim=-1)
     log_p = torch.log_softmax(batch.base, dim=-1)
     q, p = log_q.exp(), log_p.exp()
-    policy = -(q * (batch.success - batch.success.mean(dim=-1, keepdim=True))).sum(dim=-1).mean()
-    kl = (p * (log_p - log_q)).sum(dim=-1).mean()
-    return Objective(policy + kl_weight * kl, policy, kl, ((q - p) * batch.success).sum(dim=-1))
+    policy = -(q * (batch.success - batch.success.mean(dim=-1, keepdim=True))).sum(dim=-1)
+    kl = (p * (log_p - log_q)).sum(dim=-1)
+    return Objective(policy, kl, ((q - p) * batch.success).sum(dim=-1), kl_weight)

@@ -272,11 +272,12 @@ def select_within_one_se(gains: Sequence[HeldoutGain]) -> int:
 @dataclass
 class Fit:
     """How [`fit_head`] went: the training `curve` (one entry per step), the held-out `evaluations` (step 0 is the
-    untrained head), and the step whose weights the head now holds."""
+    untrained head) with the head's weights at each (`states`), and the step whose weights the head now holds."""
 
     curve: list[dict]
     evaluations: list[dict]
     selected_step: int
+    states: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
 def fit_head(
@@ -332,7 +333,7 @@ def fit_head(
         return Fit(curve, evaluations, settings.steps)
     chosen = select_within_one_se([HeldoutGain(e["gain"], e["gain_se"]) for e in evaluations])
     head.load_state_dict(states[chosen])
-    return Fit(curve, evaluations, evaluations[chosen]["step"])
+    return Fit(curve, evaluations, evaluations[chosen]["step"], states)
 
 
 def choose_scale(

@@ -1,0 +1,208 @@
+"""Does a head learn anything that holds on problems it never saw? Cross-validation over the pool's problems.
+
+    python benches/head_generalisation.py --model benches/models/Qwen2.5-Coder-0.5B-Instruct \\
+        --rollouts benches/runs/gsm8k-Qwen2.5-Coder-0.5B-Instruct/heads/rollouts
+
+The pool's problems (the library's pool: 50 problems nearest a pass rate of 0.5) are split into `--folds` folds; a
+head is trained on the others' decision points with the library's settings (one variant at a time: label source,
+objective, rank) and evaluated on the fold's, at every checkpoint, with no selection. Pooled over folds, every pool
+problem is held out once, so the held-out figures rest on all of them, not on the handful a single split holds
+out. Reported per variant and checkpoint: the held-out policy loss against the untrained head's (the base model's
+own choice: a head that generalises lowers it), and the held-out gain with its standard error over problems.
+
+With branch labels (`steer label`), the signal itself is measured at the labelled points: how often the base
+top-1's continuation succeeds, how often the best candidate's does (the oracle), how often the candidates disagree,
+and whether a linear probe on the hidden state, cross-validated over the same folds, picks a better candidate than
+the base top-1.
+
+Writes `benches/results/generalisation-<model>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from steer.files import atomic_write_json
+from steer.head import CorrectionHead, HeadConfig, output_embedding
+from steer.models import load_model
+from steer.pipeline.folders.rollouts import RolloutFolder
+from steer.pipeline.labels import LabelFolder
+from steer.pipeline.objective import BranchBatch, Points, branch_batch, decision_batch
+from steer.pipeline.pool import resolve_tau, select_pool
+from steer.pipeline.training import fit_head
+from steer.settings import TrainSettings
+
+ROOT = Path(__file__).resolve().parent
+VARIANTS = {  # name -> what differs from the library's TrainSettings
+    "advantage": {},
+    "advantage-recipe": {"objective": "recipe"},
+    "advantage-rank2": {"rank": 2},
+    "branches": {"labels": "branches"},
+    "branches-rank2": {"labels": "branches", "rank": 2},
+}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A variant at one step, pooled over folds: held-out loss (mean over problems) less the untrained head's, and
+    the held-out gain with its standard error over problems."""
+
+    step: int
+    loss_vs_base: float
+    loss_vs_base_se: float
+    gain: float
+    gain_se: float
+    problems: int
+
+
+def folds_of(problems: list[str], folds: int, seed: int) -> list[set[str]]:
+    order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [{problems[i] for i in order[f::folds]} for f in range(folds)]
+
+
+def per_problem(values: torch.Tensor, groups: torch.Tensor) -> dict[int, float]:
+    """Mean of `values` per problem index."""
+    sums: dict[int, list[float]] = defaultdict(list)
+    for value, group in zip(values.tolist(), groups.tolist()):
+        sums[group].append(value)
+    return {group: sum(v) / len(v) for group, v in sums.items()}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def cross_validate(points: Points, groups: torch.Tensor, problem_ids: list[str], folds: list[set[str]],
+                   embedding: torch.Tensor, settings: TrainSettings, hidden: int) -> list[Checkpoint]:
+    """Train on all folds but one, evaluate on that one at every checkpoint (step 0: the untrained head, whose
+    choice is the base model's); pool the held-out problems over folds."""
+    loss_delta: dict[int, dict[int, float]] = defaultdict(dict)  # step -> problem -> policy loss less base's
+    gains: dict[int, dict[int, float]] = defaultdict(dict)
+    for fold_index, fold in enumerate(folds):
+        held = torch.tensor([problem_ids[g] in fold for g in groups.tolist()])
+        train, heldout = points.select(~held), points.select(held)
+        if not len(heldout) or not len(train):
+            continue
+        config = HeadConfig(hidden_size=hidden, vocab_size=embedding.shape[0], rank=settings.rank,
+                            top_k=settings.top_k, tau=0.0)
+        torch.manual_seed(settings.seed + fold_index)
+        fit = fit_head(CorrectionHead(config), train, heldout, embedding, settings, heldout_groups=groups[held])
+        head = CorrectionHead(config)
+        base_loss = None
+        for evaluation, state in zip(fit.evaluations, fit.states):
+            head.load_state_dict(state)
+            with torch.no_grad():
+                objective = heldout.loss(head, embedding, settings.kl_weight, settings.objective)
+            losses = per_problem(objective.point_policy, groups[held])
+            base_loss = base_loss or losses  # the first evaluation is step 0
+            step = evaluation["step"]
+            for problem, value in per_problem(objective.point_gain, groups[held]).items():
+                gains[step][problem] = value
+                loss_delta[step][problem] = losses[problem] - base_loss[problem]
+    result = []
+    for step in sorted(gains):
+        lmean, lse = mean_se(list(loss_delta[step].values()))
+        gmean, gse = mean_se(list(gains[step].values()))
+        result.append(Checkpoint(step, lmean, lse, gmean, gse, len(gains[step])))
+    return result
+
+
+def branch_signal(points: BranchBatch, groups: torch.Tensor, problem_ids: list[str],
+                  folds: list[set[str]]) -> dict:
+    """What the branch labels say at their points, and what a cross-validated linear probe reads of it."""
+    success = points.success
+    chosen_probe = torch.zeros(len(points))
+    for fold in folds:
+        held = torch.tensor([problem_ids[g] in fold for g in groups.tolist()])
+        if not held.any() or held.all():
+            continue
+        train, heldout = points.select(~held), points.select(held)
+        torch.manual_seed(0)
+        mean, std = train.hidden.mean(0), train.hidden.std(0) + 1e-6
+        probe = torch.nn.Linear(train.hidden.shape[1], train.success.shape[1])
+        optimiser = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-3)
+        for _ in range(300):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(probe((train.hidden - mean) / std),
+                                                                        train.success)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        with torch.no_grad():
+            scores = probe((heldout.hidden - mean) / std) + 1e-3 * heldout.base  # ties go to the likelier
+        chosen_probe[held] = success[held].gather(-1, scores.argmax(-1, keepdim=True)).squeeze(-1)
+    base = success[:, 0]  # the candidates are the base top-k in order: column 0 is the base top-1
+    return {
+        "points": len(points),
+        "problems": len(set(groups.tolist())),
+        "base_top1_succeeds": float(base.mean()),
+        "oracle_succeeds": float(success.max(-1).values.mean()),
+        "candidates_disagree": float((success.max(-1).values != success.min(-1).values).float().mean()),
+        "another_candidate_better": float((success.max(-1).values > base).float().mean()),
+        "top1_better_than_all_others": float((base > success[:, 1:].max(-1).values).float().mean()),
+        "probe_choice_succeeds": float(chosen_probe.mean()),
+        "per_rank_success": success.mean(0).tolist(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--rollouts", type=Path, required=True, help="a scored rollouts folder")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    args = parser.parse_args()
+    model, _ = load_model(args.model, device="cpu", dtype=torch.float32)
+    embedding = output_embedding(model).detach()
+    hidden = model.config.get_text_config().hidden_size
+    del model
+    folder = RolloutFolder(args.rollouts)
+    defaults = TrainSettings()
+    pool = select_pool(folder.records(), defaults.pool_problems, defaults.keep_shortest, defaults.advantage_clip)
+    features = folder.scores.features(pool.keys)
+    tau = resolve_tau(features, defaults.tau, defaults.tau_quantile)
+    problem_ids = sorted(pool.pass_rates)
+    rollout_problem = torch.tensor([problem_ids.index(key[0]) for key in features.keys])
+    folds = folds_of(problem_ids, args.folds, args.seed)
+    labels = LabelFolder.of(folder.path)
+    has_labels = labels.records_path.exists()
+    record = {"command": " ".join(["python benches/head_generalisation.py", *sys.argv[1:]]),
+              "tau": tau, "pool_problems": len(problem_ids), "folds": args.folds, "variants": {}}
+    for name in args.variants.split(","):
+        settings = replace(defaults, **VARIANTS[name])
+        if settings.labels == "branches":
+            if not has_labels:
+                continue
+            points = branch_batch(features, labels.success(), tau, settings.top_k)
+        else:
+            points = decision_batch(features, pool.advantages, tau, settings.top_k)
+        groups = rollout_problem[points.rollout]
+        curve = cross_validate(points, groups, problem_ids, folds, embedding, settings, hidden)
+        record["variants"][name] = {"settings": VARIANTS[name], "points": len(points),
+                                    "checkpoints": [asdict(c) for c in curve]}
+        best = max(curve, key=lambda c: c.gain)
+        print(f"{name}: {len(points)} points; held-out gain at step {best.step}: {best.gain:+.4f} "
+              f"+- {best.gain_se:.4f}; loss vs base there {best.loss_vs_base:+.4f} +- {best.loss_vs_base_se:.4f}",
+              flush=True)
+    if has_labels:
+        points = branch_batch(features, labels.success(), tau, defaults.top_k)
+        record["branch_signal"] = branch_signal(points, rollout_problem[points.rollout], problem_ids, folds)
+        print(json.dumps(record["branch_signal"], indent=1))
+    out = ROOT / "results" / f"generalisation-{Path(args.model).name}.json"
+    atomic_write_json(out, record)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
