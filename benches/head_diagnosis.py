@@ -20,8 +20,8 @@ import torch
 from steer.files import atomic_write_json
 from steer.head import CorrectionHead, output_embedding
 from steer.models import load_model
+from steer.pipeline.folders.labels import LabelFolder
 from steer.pipeline.folders.rollouts import RolloutFolder
-from steer.pipeline.labels import LabelFolder
 from steer.pipeline.objective import BranchBatch, branch_batch
 
 ROOT = Path(__file__).resolve().parent

@@ -33,8 +33,8 @@ import torch
 from steer.files import atomic_write_json
 from steer.head import CorrectionHead, HeadConfig, output_embedding
 from steer.models import load_model
+from steer.pipeline.folders.labels import LabelFolder
 from steer.pipeline.folders.rollouts import RolloutFolder
-from steer.pipeline.labels import LabelFolder
 from steer.pipeline.objective import BranchBatch, Points, branch_batch, decision_batch
 from steer.pipeline.pool import resolve_tau, select_pool
 from steer.pipeline.training import fit_head
@@ -169,7 +169,7 @@ def main() -> None:
     del model
     folder = RolloutFolder(args.rollouts)
     defaults = TrainSettings()
-    pool = select_pool(folder.records(), defaults.pool_problems, defaults.keep_shortest, defaults.advantage_clip)
+    pool = select_pool(folder.read_records(), defaults.pool_problems, defaults.keep_shortest, defaults.advantage_clip)
     features = folder.scores.features(pool.keys)
     tau = resolve_tau(features, defaults.tau, defaults.tau_quantile)
     problem_ids = sorted(pool.pass_rates)

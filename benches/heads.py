@@ -27,8 +27,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from steer.files import atomic_write_json
 from steer.head import CorrectionHead
 from steer.pipeline.decoding import Decoder
-from steer.pipeline.folders.rollouts import RolloutFolder, rollout_length
-from steer.pipeline.labels import LabelFolder, label_branches
+from steer.pipeline.folders.labels import LabelFolder
+from steer.pipeline.folders.rollouts import RolloutFolder, sequence_length
+from steer.pipeline.labels import label_branches
 from steer.pipeline.problems import Problem
 from steer.pipeline.rollout import run_rollouts
 from steer.pipeline.scoring import score_rollouts
@@ -119,10 +120,10 @@ def head_runs(out: Path, parameters: int, steps: int = TrainSettings.steps) -> d
     model of `parameters` parameters whose heads trained `steps` steps."""
     stages = Stages(out)
     rollouts_dir = out / "rollouts"
-    records = RolloutFolder(rollouts_dir).records(("prompt_ids", "completion_ids"))
-    rollout_tokens = sum(map(rollout_length, records))
-    prompts = {(r["problem_id"], r["sample"]): r["prompt_ids"] for r in records}
-    label_tokens = sum(len(prompts[r["problem_id"], r["sample"]]) + len(r["completion_ids"])
+    records = RolloutFolder(rollouts_dir).read_records()
+    rollout_tokens = sum(map(sequence_length, records))
+    prompts = {r.key: r.prompt_ids for r in records}
+    label_tokens = sum(len(prompts[r.problem_id, r.sample]) + len(r.completion_ids)
                        for r in LabelFolder.of(rollouts_dir).read_records())
     heads = {}
     for name, source in LABEL_SOURCES.items():

@@ -28,6 +28,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +37,11 @@ import torch
 from steer.files import atomic_write_json
 from steer.head import CorrectionHead
 from steer.models import load_model
-from steer.pipeline.branching import Branch, BranchDecoding, branch_batches, continue_branches
+from steer.pipeline.branching import Branch, BranchDecoding, Outcome, branch_batches, continue_branches
 from steer.pipeline.decoding import steering
 from steer.pipeline.evaluation import evaluate
-from steer.pipeline.folders import RunFolder
-from steer.pipeline.folders.predictions import PredictionFolder
+from steer.pipeline.folders import Record, RunFolder
+from steer.pipeline.folders.predictions import PredictionFolder, PredictionRecord
 from steer.pipeline.jobs import Job, run_job
 from steer.pipeline.metrics import mcnemar
 from steer.pipeline.problems import load_problems
@@ -51,17 +52,45 @@ ROOT = Path(__file__).resolve().parent
 MAX_NEW_TOKENS = 96
 
 
-class ChoiceFolder(RunFolder):
+@dataclass(frozen=True)
+class Choice:
+    """A changed step of a steered decode, and which token continues it: the head's or the base top-1."""
+
+    problem_id: str
+    position: int
+    choice: str
+    entropy: float
+
+
+@dataclass(frozen=True)
+class ChoiceRecord(Record):
+    """A continued choice (see [`Choice`]), and its outcome."""
+
+    problem_id: str
+    position: int
+    choice: str
+    entropy: float
+    completion: str
+    completion_ids: list[int]
+    correct: bool
+
+
+def choice_record(branch: Branch[Choice], outcome: Outcome) -> ChoiceRecord:
+    return ChoiceRecord(**asdict(branch.tag), **asdict(outcome))
+
+
+class ChoiceFolder(RunFolder[ChoiceRecord]):
     """The continued choices: one record per (problem, changed step, choice), `choice` "head" or "base"."""
 
     records_file = "choices.jsonl"
     settings_file = "choices.settings.json"
+    record_type = ChoiceRecord
     key = ("problem_id", "position", "choice")
     writer = "benches/onpolicy_diagnosis.py"
 
 
-def choice_branches(records: dict[str, dict], traces, prompts: dict[str, list[int]], per_completion: int
-                    ) -> list[Branch]:
+def choice_branches(records: dict[str, PredictionRecord], traces, prompts: dict[str, list[int]],
+                    per_completion: int) -> list[Branch[Choice]]:
     """At the first `per_completion` changed steps of each steered decode: the head's token and the base top-1."""
     branches = []
     for (_, problem_id, arm, _), recorded in traces.by_key.items():
@@ -71,52 +100,52 @@ def choice_branches(records: dict[str, dict], traces, prompts: dict[str, list[in
         tokens = trace.tokens.tolist()
         for t in trace.changed.nonzero().squeeze(-1).tolist()[:per_completion]:
             for choice, token in (("head", tokens[t]), ("base", int(trace.topk_ids[t, 0]))):
-                key = {"problem_id": problem_id, "position": t, "choice": choice}
-                branches.append(Branch(key, prompts[problem_id], tokens[:t] + [token], records[problem_id]["gold"],
-                                       {"entropy": float(trace.entropy[t])}))
+                branches.append(Branch((problem_id, t, choice), prompts[problem_id], tokens[:t] + [token],
+                                       records[problem_id].gold,
+                                       Choice(problem_id, t, choice, float(trace.entropy[t]))))
     return branches
 
 
-def chain(records: list[dict], choices: list[dict]) -> dict:
+def chain(records: list[PredictionRecord], choices: list[ChoiceRecord]) -> dict:
     """The four links (see the module docstring) from the evaluation's records and the continued choices."""
-    by_arm = {arm: {r["problem_id"]: r for r in records if r["arm"] == arm} for arm in ("base", "steered")}
+    by_arm = {arm: {r.problem_id: r for r in records if r.arm == arm} for arm in ("base", "steered")}
     problems = sorted(by_arm["base"])
     steered = [by_arm["steered"][p] for p in problems]
-    base_wrong = [p for p in problems if not by_arm["base"][p]["correct"]]
+    base_wrong = [p for p in problems if not by_arm["base"][p].correct]
     pairs: dict[tuple, dict[str, bool]] = defaultdict(dict)
     for c in choices:
-        pairs[c["problem_id"], c["position"]][c["choice"]] = bool(c["correct"])
+        pairs[c.problem_id, c.position][c.choice] = bool(c.correct)
     complete = [v for v in pairs.values() if len(v) == 2]
     head_only = sum(v["head"] and not v["base"] for v in complete)
     base_only = sum(v["base"] and not v["head"] for v in complete)
-    outcome = mcnemar([by_arm["base"][p]["correct"] for p in problems], [r["correct"] for r in steered])
+    outcome = mcnemar([by_arm["base"][p].correct for p in problems], [r.correct for r in steered])
     return {
         "problems": len(problems),
         "gate": {
-            "gated_per_completion": float(np.mean([r["gated"] for r in steered])),
-            "gated_share_of_steps": sum(r["gated"] for r in steered) / max(1, sum(r["steps"] for r in steered)),
-            "completions_without_a_gated_step": sum(r["gated"] == 0 for r in steered) / len(steered),
+            "gated_per_completion": float(np.mean([r.gated for r in steered])),
+            "gated_share_of_steps": sum(r.gated for r in steered) / max(1, sum(r.steps for r in steered)),
+            "completions_without_a_gated_step": sum(r.gated == 0 for r in steered) / len(steered),
             "gated_per_completion_where_base_fails": float(np.mean(
-                [by_arm["steered"][p]["gated"] for p in base_wrong])) if base_wrong else None,
+                [by_arm["steered"][p].gated for p in base_wrong])) if base_wrong else None,
         },
         "change": {
-            "changed_per_completion": float(np.mean([r["changed"] for r in steered])),
-            "changed_share_of_gated": sum(r["changed"] for r in steered) / max(1, sum(r["gated"] for r in steered)),
-            "completions_with_a_change": sum(r["changed"] > 0 for r in steered) / len(steered),
+            "changed_per_completion": float(np.mean([r.changed for r in steered])),
+            "changed_share_of_gated": sum(r.changed for r in steered) / max(1, sum(r.gated for r in steered)),
+            "completions_with_a_change": sum(r.changed > 0 for r in steered) / len(steered),
         },
         "choice": {
             "changed_steps_continued": len(complete),
             "head_choice_succeeds": sum(v["head"] for v in complete) / max(1, len(complete)),
             "base_choice_succeeds": sum(v["base"] for v in complete) / max(1, len(complete)),
             "head_only": head_only, "base_only": base_only,
-            "p_value": mcnemar([v["base"] for v in complete], [v["head"] for v in complete])["p_value"],
+            "p_value": mcnemar([v["base"] for v in complete], [v["head"] for v in complete]).p_value,
         },
         "outcome": {
-            "base_accuracy": sum(by_arm["base"][p]["correct"] for p in problems) / len(problems),
-            "steered_accuracy": sum(r["correct"] for r in steered) / len(steered),
-            "base_truncated": sum(by_arm["base"][p]["finish_reason"] == "length" for p in problems) / len(problems),
-            "steered_truncated": sum(r["finish_reason"] == "length" for r in steered) / len(steered),
-            **outcome,
+            "base_accuracy": sum(by_arm["base"][p].correct for p in problems) / len(problems),
+            "steered_accuracy": sum(r.correct for r in steered) / len(steered),
+            "base_truncated": sum(by_arm["base"][p].finish_reason == "length" for p in problems) / len(problems),
+            "steered_truncated": sum(r.finish_reason == "length" for r in steered) / len(steered),
+            **asdict(outcome),
         },
     }
 
@@ -131,14 +160,14 @@ def diagnose(model, tokenizer, head: CorrectionHead, problems, out: Path, per_co
     records = folder.records()
     prompts = {p.id: encode_prompt(tokenizer, build_prompt(tokenizer, p.question, greedy.instruction))
                for p in problems}
-    branches = choice_branches({r["problem_id"]: r for r in records}, folder.traces(), prompts, per_completion)
+    branches = choice_branches({r.problem_id: r for r in records}, folder.traces(), prompts, per_completion)
     decoding = BranchDecoding(max_new_tokens, seed=seed)
     processor = steering(model, head)
     job = Job(label="choices", unit="branch", folder=ChoiceFolder(out / "choices"),
               settings={"model": model.name_or_path, "per_completion": per_completion, "seed": seed},
-              units=branches, unit_keys=lambda b: [b.unit_key()],
+              units=branches, unit_keys=lambda b: [b.key],
               batches=lambda pending: branch_batches(pending, 64),
-              work=lambda batch: continue_branches(model, tokenizer, batch, decoding, processor))
+              work=lambda batch: continue_branches(model, tokenizer, batch, decoding, choice_record, processor))
     choices = run_job(job, progress=False).records
     return chain(records, choices)
 

@@ -56,8 +56,8 @@ def head_compute(demo_dir: Path, parameters: int) -> dict:
     """Seconds and estimated FLOPs of the head's making: rollouts, scoring and head training."""
     demo = json.loads((demo_dir / "demo.json").read_text())
     training = json.loads((demo_dir / "head" / "training.json").read_text())
-    rollouts = RolloutFolder(demo_dir / "rollouts").records(("prompt_ids", "completion_ids"))
-    tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rollouts)
+    rollouts = RolloutFolder(demo_dir / "rollouts").read_records()
+    tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
     head = CorrectionHead.from_pretrained(demo_dir / "head")
     head_parameters = sum(p.numel() for p in head.parameters())
     head_flops = 6 * head_parameters * training["pool"]["train_points"] * training["settings"]["steps"]

@@ -39,7 +39,7 @@ from paper_table_real import required_samples
 
 from steer.files import atomic_write_json, atomic_write_text
 from steer.pipeline.evaluation import Arm, evaluate, head_digest
-from steer.pipeline.folders.predictions import PredictionFolder
+from steer.pipeline.folders.predictions import PredictionFolder, PredictionRecord
 from steer.pipeline.problems import Problem, load_problems
 from steer.pipeline.summary import summarize
 from steer.settings import DecodingSettings, EvalSettings, LabelSettings, RolloutSettings
@@ -173,7 +173,7 @@ def run_decode(setup: Setup, argv: list[str], arm: str, mode: str, split: str = 
     subprocess.run(command, check=True)
 
 
-def records(setup: Setup, mode: str, split: str = "test") -> list[dict]:
+def records(setup: Setup, mode: str, split: str = "test") -> list[PredictionRecord]:
     """Every arm's predictions in `mode` on `split`, those of finished arms only."""
     found = []
     for folder in sorted((setup.out / mode / split).glob("*")):
@@ -270,12 +270,12 @@ def table_record(setup: Setup) -> dict:
     for mode in ("greedy", "sampled"):
         found = records(setup, mode)
         if mode == "sampled":  # the gate's one sample is paired with each other arm's sample 0
-            gate = [r for r in found if r["arm"] == "gate"]
-            found = [r for r in found if r["arm"] != "gate"]
+            gate = [r for r in found if r.arm == "gate"]
+            found = [r for r in found if r.arm != "gate"]
         summary = summarize(found, 1 if mode == "greedy" else sampled_n(setup)) if found else None
         rows[mode] = arm_rows(summary, "test") if summary else {}
         if mode == "sampled" and gate:
-            first = [r for r in found if r["sample"] == 0 and r["arm"] == "base"] + gate
+            first = [r for r in found if r.sample == 0 and r.arm == "base"] + gate
             rows["one sample"] = arm_rows(summarize(first, 1), "test")
     compute = {name: {"flops": run.flops, "seconds": run.seconds, "tokens": run.tokens, "tau": run.head.tau,
                       "scale": run.head.scale}

@@ -45,7 +45,7 @@ from steer.analysis.intervention import intervene
 from steer.files import atomic_write_json, atomic_write_text
 from steer.models import load_model
 from steer.pipeline.evaluation import Arm, evaluate
-from steer.pipeline.folders.predictions import PredictionFolder
+from steer.pipeline.folders.predictions import PredictionFolder, PredictionRecord
 from steer.pipeline.problems import load_problems
 from steer.settings import (
     DecodingSettings,
@@ -61,7 +61,7 @@ EFFECT, ALPHA, POWER = 0.05, 0.05, 0.8
 Z = 1.959964 + 0.841621  # two-sided alpha 0.05, power 0.8
 
 
-def required_samples(records: list[dict], arms: list[str], problems: int, max_samples: int) -> dict:
+def required_samples(records: list[PredictionRecord], arms: list[str], problems: int, max_samples: int) -> dict:
     """Samples per problem that detect an `EFFECT` difference of each arm against base over `problems` problems.
 
     With per-problem means over N paired samples (sample s of every arm shares its random draws), the variance of
@@ -70,7 +70,7 @@ def required_samples(records: list[dict], arms: list[str], problems: int, max_sa
     samples) and B (the variance of the pilot's per-problem means, less W over the pilot's samples)."""
     outcome: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     for r in records:
-        outcome[r["arm"], r["problem_id"]][r["sample"]] = float(r["correct"])
+        outcome[r.arm, r.problem_id][r.sample] = float(r.correct)
     ids = sorted({pid for _, pid in outcome})
     target = problems * (EFFECT / Z) ** 2
     report = {}

@@ -88,11 +88,12 @@ def main() -> None:
     summary = timed(stages, "evaluation", lambda: evaluate(model, tokenizer, {"test": test}, out / "eval",
                                                            eval_settings, arms=arms))
     predictions = PredictionFolder(out / "eval").records()
-    correct = {arm.name: {r["problem_id"]: bool(r["correct"]) for r in predictions if r["arm"] == arm.name}
+    correct = {arm.name: {r.problem_id: bool(r.correct) for r in predictions if r.arm == arm.name}
                for arm in arms}
     shared = sorted(correct["base"])
     paired = {name: {"difference": (sum(correct[name][p] for p in shared) - sum(correct["base"][p] for p in shared))
-                     / len(shared), **mcnemar([correct["base"][p] for p in shared], [correct[name][p] for p in shared])}
+                     / len(shared),
+                     **asdict(mcnemar([correct["base"][p] for p in shared], [correct[name][p] for p in shared]))}
               for name in heads}
     record = {
         "command": f"python benches/real_model_loop.py --model {args.model} --data {args.data} --out {args.out} "

@@ -82,16 +82,16 @@ class PoolRollout:
 def training_sequences(rollouts_dir: Path, settings: LoraSettings) -> list[PoolRollout]:
     """The pool's rollouts with their decision masks (stored base entropy above `settings.tau`)."""
     folder = RolloutFolder(rollouts_dir)
-    records = folder.records(("reward", "num_tokens", "prompt_ids", "completion_ids"))
+    records = folder.read_records()
     pool = select_pool(records, settings.pool.pool_problems, settings.pool.keep_shortest,
                        settings.pool.advantage_clip)
     features = folder.scores.features(pool.keys)
-    by_key = {(r["problem_id"], r["sample"]): r for r in records}
+    by_key = {r.key: r for r in records}
     sequences = []
     for key, entropy in zip(features.keys, features.entropy):
         record = by_key[key]
-        completion = record["completion_ids"][: len(entropy)]
-        sequences.append(PoolRollout(record["prompt_ids"] + completion, len(record["prompt_ids"]),
+        completion = record.completion_ids[: len(entropy)]
+        sequences.append(PoolRollout(record.prompt_ids + completion, len(record.prompt_ids),
                                    entropy[: len(completion)] > settings.tau, pool.advantages[key]))
     return sequences
 

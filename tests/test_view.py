@@ -95,12 +95,12 @@ def test_eval_trace_round_trips_matches_records_and_leaves_them_unchanged(model_
     traces = folder.traces()
     assert len(traces.by_key) == len(records) == 8
     for record in records:
-        recorded = traces.by_key[record["benchmark"], record["problem_id"], record["arm"], record["sample"]]
+        recorded = traces.by_key[record.key]
         trace = recorded.trace
-        assert trace.steps == record["steps"] and trace.top_k == 3
-        assert int(trace.gated.sum()) == record["gated"] and int(trace.changed.sum()) == record["changed"]
-        assert tokenizer.decode(trace.tokens.tolist(), skip_special_tokens=True) == record["completion"]
-        assert recorded.tau == (head.tau if record["arm"] == "steered" else None)
+        assert trace.steps == record.steps and trace.top_k == 3
+        assert int(trace.gated.sum()) == record.gated and int(trace.changed.sum()) == record.changed
+        assert tokenizer.decode(trace.tokens.tolist(), skip_special_tokens=True) == record.completion
+        assert recorded.tau == (head.tau if record.arm == "steered" else None)
         assert recorded.question.startswith("What is")
         assert all(token in traces.tokens for token in trace.topk_ids.flatten().tolist())
     assert len(shards) == 4 and all(re.fullmatch(r"trace-[0-9a-f]+\.safetensors", name) for name in shards)

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steer.files import atomic_write_json
 from steer.functional import entropy_topk
-from steer.pipeline.folders.rollouts import RolloutFolder, rollout_length
+from steer.pipeline.folders.rollouts import RolloutFolder, TokenSequence, sequence_length
 from steer.pipeline.problems import Problem
 from steer.pipeline.progress import ThroughputBar
 from steer.pipeline.rollout import run_rollouts
@@ -68,20 +68,20 @@ class Positions:
 
 
 def compare_positions(
-    base: PreTrainedModel, rl: PreTrainedModel, rollouts: Sequence[dict], max_batch_tokens: int = 4096,
+    base: PreTrainedModel, rl: PreTrainedModel, rollouts: Sequence[TokenSequence], max_batch_tokens: int = 4096,
     progress: bool = True,
 ) -> Positions:
-    """Teacher-force both models over `rollouts` (records with `prompt_ids` and `completion_ids`) and compare them
-    at every completion position, in the order of `rollouts`.
+    """Teacher-force both models over `rollouts` (rollout records, or anything with `prompt_ids` and
+    `completion_ids`) and compare them at every completion position, in the order of `rollouts`.
 
     Example:
 
     ```python
-    >>> positions = compare_positions(base, rl, [{"prompt_ids": [5, 6], "completion_ids": [7, 8]}])  # doctest: +SKIP
+    >>> positions = compare_positions(base, rl, RolloutFolder("runs/rl").read_records())  # doctest: +SKIP
     >>> positions.differ.float().mean()  # doctest: +SKIP
     ```
     """
-    order = sorted(range(len(rollouts)), key=lambda i: rollout_length(rollouts[i]))
+    order = sorted(range(len(rollouts)), key=lambda i: sequence_length(rollouts[i]))
     ordered = [rollouts[i] for i in order]
     parts: list[Positions | None] = [None] * len(rollouts)
     bar = ThroughputBar(len(rollouts), "comparing", "rollout", progress)
@@ -89,7 +89,7 @@ def compare_positions(
         group = [ordered[i] for i in batch]
         for index, (b, r) in zip(batch, zip(teacher_force(base, group), teacher_force(rl, group))):
             parts[order[index]] = _compare(b[0], r[0])
-        bar.advance(len(batch), sum(len(rollout["completion_ids"]) for rollout in group))
+        bar.advance(len(batch), sum(len(rollout.completion_ids) for rollout in group))
     bar.close()
     return Positions(*(torch.cat([getattr(p, name) for p in parts]) for name in ("entropy", "differ", "rank")))
 
@@ -302,8 +302,7 @@ def footprint(
     out = Path(out_dir)
     run_rollouts(rl, tokenizer, problems, out / "rollouts", settings.rollouts, progress=progress)
     wanted = {problem.id for problem in problems}  # the store may hold other problems from an earlier run
-    rollouts = [r for r in RolloutFolder(out / "rollouts").records(("reward", "prompt_ids", "completion_ids"))
-                if r["problem_id"] in wanted]
+    rollouts = [r for r in RolloutFolder(out / "rollouts").read_records() if r.problem_id in wanted]
     positions = compare_positions(base, rl, rollouts, settings.max_batch_tokens, progress)
     positions.save(out / POSITIONS_FILE)
     report = footprint_report(positions, settings.taus)
@@ -312,6 +311,6 @@ def footprint(
     except ImportError:
         plots = []
     result = FootprintResult(base=base.name_or_path, rl=rl.name_or_path, rollouts=len(rollouts),
-                             rl_accuracy=sum(r["reward"] for r in rollouts) / len(rollouts), report=report, plots=plots)
+                             rl_accuracy=sum(r.reward for r in rollouts) / len(rollouts), report=report, plots=plots)
     atomic_write_json(out / REPORT_FILE, asdict(result))
     return result

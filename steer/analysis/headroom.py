@@ -43,13 +43,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steer.files import atomic_write_json
 from steer.functional import entropy_topk
-from steer.pipeline.branching import Branch, BranchDecoding, branch_batches, continue_branches
+from steer.pipeline.branching import Branch, BranchDecoding, Outcome, branch_batches, continue_branches
 from steer.pipeline.decoding import DecodingSettings
 from steer.pipeline.distributed import Workers
-from steer.pipeline.folders import RunFolder
-from steer.pipeline.folders.rollouts import RolloutFolder, rollout_length
+from steer.pipeline.folders.branches import BranchFolder, BranchRecord
+from steer.pipeline.folders.rollouts import RolloutFolder, RolloutRecord, TokenSequence, sequence_length
 from steer.pipeline.jobs import Job, run_job
-from steer.pipeline.metrics import mcnemar, wilson_interval
+from steer.pipeline.metrics import McNemar, mcnemar, wilson_interval
 from steer.pipeline.pool import quantile_tau
 from steer.pipeline.problems import Problem
 from steer.pipeline.rollout import RolloutSettings, run_rollouts
@@ -64,14 +64,23 @@ VERDICTS = ("go", "no-go", "unclear")
 SIGNIFICANCE = 0.05
 
 
-class BranchFolder(RunFolder):
-    """The headroom run's folder: `branches.jsonl` (one record per [`Branch`] tried; `path` lists its switches as
-    `position:rank` from the base completion on, `/`-separated, or names a resample) and its settings."""
+@dataclass(frozen=True)
+class Switch:
+    """What a branch's record holds besides its outcome (see [`BranchRecord`])."""
 
-    records_file = "branches.jsonl"
-    settings_file = "headroom.settings.json"
-    key = ("problem_id", "arm", "path")
-    writer = "steer analyze headroom"
+    problem_id: str
+    arm: str
+    path: str
+    depth: int
+    point: int
+    position: int
+    rank: int
+    entropy: float | None
+
+
+def branch_record(branch: Branch[Switch], outcome: Outcome) -> BranchRecord:
+    return BranchRecord(**asdict(branch.tag), completion=outcome.completion, completion_ids=outcome.completion_ids,
+                        correct=outcome.correct)
 
 
 @dataclass(frozen=True)
@@ -109,8 +118,8 @@ class HeadroomReport:
             branched; untried_failures (`int`): branched failures with more decision points than were branched.
         tries_per_failure (`float`): mean tries per branched failure, the same in every arm.
         arms (`dict[str, ArmHeadroom]`): `decision`, `random`, `resample`.
-        decision_vs_random (`dict[str, float]`): exact McNemar test over the failures: `gained` (fixed by a
-            decision-point switch, not by a random one), `lost` (the reverse), `p_value`.
+        decision_vs_random ([`McNemar`]): exact McNemar test over the failures: `gained` (fixed by a decision-point
+            switch, not by a random one), `lost` (the reverse), `p_value`.
         ceiling_accuracy (`float`): accuracy if every failure that decision-point switches fix (up to `rounds` in a
             row) were fixed; fixed_by_round (`list[int]`): failures fixed by then, after each round.
         one_switch_accuracy (`float`): the same with one switch.
@@ -132,7 +141,7 @@ class HeadroomReport:
     untried_failures: int
     tries_per_failure: float
     arms: dict[str, ArmHeadroom]
-    decision_vs_random: dict[str, float]
+    decision_vs_random: McNemar
     ceiling_accuracy: float
     fixed_by_round: list[int]
     one_switch_accuracy: float
@@ -165,9 +174,9 @@ class _Scored:
     topk: torch.Tensor
 
 
-def score_completions(model: PreTrainedModel, rollouts: Sequence[dict], top_k: int) -> list[_Scored]:
-    """Teacher-force `model` over each rollout record; per completion position its entropy and top-k ids."""
-    order = sorted(range(len(rollouts)), key=lambda i: rollout_length(rollouts[i]))
+def score_completions(model: PreTrainedModel, rollouts: Sequence[TokenSequence], top_k: int) -> list[_Scored]:
+    """Teacher-force `model` over each completion; per completion position its entropy and top-k ids."""
+    order = sorted(range(len(rollouts)), key=lambda i: sequence_length(rollouts[i]))
     scored: list[_Scored | None] = [None] * len(rollouts)
     for batch in token_batches([rollouts[i] for i in order], 4096):
         group = [rollouts[order[i]] for i in batch]
@@ -184,17 +193,18 @@ def decision_points(scored: _Scored, tau: float, points: int, after: int = -1) -
     return len(gated), sorted(gated, key=lambda t: -float(scored.entropy[t]))[:points]
 
 
-def _switch(trial: Trial, scored: _Scored, position: int, rank: int, gold: str, info: dict) -> Branch:
+def _switch(trial: Trial, scored: _Scored, position: int, rank: int, gold: str, depth: int,
+            point: int) -> Branch[Switch]:
     """The branch of `trial` whose token at `position` is the base candidate of `rank` instead."""
-    key = {"problem_id": trial.problem_id, "arm": trial.arm,
-           "path": f"{trial.path}/{position}:{rank}".lstrip("/")}
+    path = f"{trial.path}/{position}:{rank}".lstrip("/")
     prefix = trial.completion_ids[:position] + [int(scored.topk[position, rank - 1])]
-    return Branch(key, trial.prompt_ids, prefix, gold,
-                  {**info, "position": position, "rank": rank, "entropy": float(scored.entropy[position])})
+    return Branch((trial.problem_id, trial.arm, path), trial.prompt_ids, prefix, gold,
+                  Switch(trial.problem_id, trial.arm, path, depth, point, position, rank,
+                         float(scored.entropy[position])))
 
 
 def plan_round(trials: Sequence[Trial], scores: Sequence[_Scored], golds: dict[str, str], tau: float,
-               settings: HeadroomSettings, depth: int) -> list[Branch]:
+               settings: HeadroomSettings, depth: int) -> list[Branch[Switch]]:
     """One round of switches: for each `decision` trial, every alternative candidate (ranks 2 to top-k) at its
     `points` highest-entropy decision points after its last switch; for the failure's `random` trials, as many
     switches with the same ranks at random calm steps (entropy at most tau) after theirs."""
@@ -206,7 +216,7 @@ def plan_round(trials: Sequence[Trial], scores: Sequence[_Scored], golds: dict[s
     for problem, arms in by_problem.items():
         points = [(trial, scored, t, j) for trial, scored in arms["decision"]
                   for j, t in enumerate(decision_points(scored, tau, settings.points, trial.after)[1])]
-        branches += [_switch(trial, scored, t, rank, golds[problem], {"depth": depth, "point": j})
+        branches += [_switch(trial, scored, t, rank, golds[problem], depth, j)
                      for trial, scored, t, j in points for rank in ranks if rank <= scored.topk.shape[1]]
         rng = random.Random(f"{settings.seed}/{problem}/{depth}")
         calm = [(trial, scored, [t for t in range(trial.after + 1, len(trial.completion_ids))
@@ -217,37 +227,38 @@ def plan_round(trials: Sequence[Trial], scores: Sequence[_Scored], golds: dict[s
             trial, scored, steps = calm[n % len(calm)]
             if steps:
                 t = steps.pop()
-                branches += [_switch(trial, scored, t, rank, golds[problem], {"depth": depth, "point": n})
+                branches += [_switch(trial, scored, t, rank, golds[problem], depth, n)
                              for rank in ranks if rank <= scored.topk.shape[1]]
     return branches
 
 
-def next_trials(records: Sequence[dict], depth: int, beam: int, prompts: dict[str, list[int]]) -> list[Trial]:
+def next_trials(records: Sequence[BranchRecord], depth: int, beam: int,
+                prompts: dict[str, list[int]]) -> list[Trial]:
     """The failed branches of round `depth` that go on: per failure and arm, the `beam` likeliest switches (lowest
     rank, then highest entropy); `prompts` gives each failure's prompt ids. A failure goes on in both arms until
     both have fixed it, so that the random arm's budget, which follows the decision arm's, is the same in every
     round."""
     fixed: dict[str, set[str]] = defaultdict(set)
     for r in records:
-        if r["correct"] and r["arm"] in SWITCH_ARMS:
-            fixed[r["problem_id"]].add(r["arm"])
-    failed: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        if r.correct and r.arm in SWITCH_ARMS:
+            fixed[r.problem_id].add(r.arm)
+    failed: dict[tuple[str, str], list[BranchRecord]] = defaultdict(list)
     for r in records:
-        done = fixed[r["problem_id"]] == set(SWITCH_ARMS)
-        if r["arm"] in SWITCH_ARMS and r.get("depth") == depth and not r["correct"] and not done:
-            failed[(r["problem_id"], r["arm"])].append(r)
-    return [Trial(r["problem_id"], r["arm"], r["path"], prompts[r["problem_id"]], r["completion_ids"], r["position"])
-            for group in failed.values() for r in sorted(group, key=lambda r: (r["rank"], -r["entropy"]))[:beam]]
+        done = fixed[r.problem_id] == set(SWITCH_ARMS)
+        if r.arm in SWITCH_ARMS and r.depth == depth and not r.correct and not done:
+            failed[(r.problem_id, r.arm)].append(r)
+    return [Trial(r.problem_id, r.arm, r.path, prompts[r.problem_id], r.completion_ids, r.position)
+            for group in failed.values() for r in sorted(group, key=lambda r: (r.rank, -r.entropy))[:beam]]
 
 
-def resamples(records: Sequence[dict], failures: Sequence[dict]) -> list[Branch]:
+def resamples(records: Sequence[BranchRecord], failures: Sequence[RolloutRecord]) -> list[Branch[Switch]]:
     """Per failure, as many whole completions sampled from the prompt as the decision arm tried."""
     tries: dict[str, int] = defaultdict(int)
     for r in records:
-        tries[r["problem_id"]] += r["arm"] == "decision"
-    return [Branch({"problem_id": f["problem_id"], "arm": "resample", "path": f"resample-{n}"}, f["prompt_ids"], [],
-                   f["gold"], {"depth": 0, "point": n, "position": -1, "rank": 0, "entropy": None})
-            for f in failures for n in range(tries[f["problem_id"]])]
+        tries[r.problem_id] += r.arm == "decision"
+    return [Branch((f.problem_id, "resample", f"resample-{n}"), f.prompt_ids, [], f.gold,
+                   Switch(f.problem_id, "resample", f"resample-{n}", 0, n, -1, 0, None))
+            for f in failures for n in range(tries[f.problem_id])]
 
 
 def headroom(
@@ -285,36 +296,35 @@ def headroom(
                              decoding=DecodingSettings(temperature=0.0, max_new_tokens=settings.max_new_tokens))
     run_rollouts(model, tokenizer, problems, out / "base", greedy, workers=workers, progress=progress)
     by_id = {p.id: p for p in problems}
-    records = [r for r in RolloutFolder(out / "base").records(("reward", "gold", "prompt_ids", "completion_ids"))
-               if r["problem_id"] in by_id]
-    records.sort(key=lambda r: r["problem_id"])
+    records = [r for r in RolloutFolder(out / "base").read_records() if r.problem_id in by_id]
+    records.sort(key=lambda r: r.problem_id)
     base_scores = score_completions(model, records, settings.top_k)
     entropies = torch.cat([s.entropy for s in base_scores]).numpy()
     tau = settings.tau if settings.tau is not None else quantile_tau(entropies, settings.tau_quantile)
-    failures = [r for r in records if r["reward"] <= 0]
-    golds = {r["problem_id"]: r["gold"] for r in failures}
+    failures = [r for r in records if r.reward <= 0]
+    golds = {r.problem_id: r.gold for r in failures}
     folder = BranchFolder(out)
     decoding = BranchDecoding(settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed)
     job_settings = {"model": model.name_or_path, **asdict(settings), "tau": tau}
 
-    def run(units: list[Branch], label: str) -> list[dict]:
+    def run(units: list[Branch[Switch]], label: str) -> list[BranchRecord]:
         run_job(Job(label=label, unit="branch", folder=folder, settings=job_settings, units=units,
-                    unit_keys=lambda b: [b.unit_key()],
+                    unit_keys=lambda b: [b.key],
                     batches=lambda pending: branch_batches(pending, settings.batch_size),
-                    work=lambda batch: continue_branches(model, tokenizer, batch, decoding)), workers, progress)
+                    work=lambda batch: continue_branches(model, tokenizer, batch, decoding, branch_record)),
+                workers, progress)
         return folder.read_records()  # every process plans the next round from the merged store
 
-    scored = dict(zip((r["problem_id"] for r in records), base_scores))
-    trials = [Trial(r["problem_id"], arm, "", r["prompt_ids"], r["completion_ids"]) for r in failures
-              for arm in SWITCH_ARMS]
+    scored = dict(zip((r.problem_id for r in records), base_scores))
+    trials = [Trial(r.problem_id, arm, "", r.prompt_ids, r.completion_ids) for r in failures for arm in SWITCH_ARMS]
     scores = [scored[t.problem_id] for t in trials]
-    branched: list[dict] = []
+    branched: list[BranchRecord] = []
     for depth in range(1, settings.rounds + 1):
         if not trials:
             break
         branched = run(plan_round(trials, scores, golds, tau, settings, depth), f"branches, round {depth}")
-        trials = next_trials(branched, depth, settings.beam, {r["problem_id"]: r["prompt_ids"] for r in failures})
-        scores = score_completions(model, [asdict(t) for t in trials], settings.top_k) if trials else []
+        trials = next_trials(branched, depth, settings.beam, {r.problem_id: r.prompt_ids for r in failures})
+        scores = score_completions(model, trials, settings.top_k) if trials else []
     branched = run(resamples(branched, failures), "resamples")
     if not workers.is_main:
         return None
@@ -329,30 +339,30 @@ def headroom(
     return report
 
 
-def headroom_report(model: str, base: Sequence[dict], branches: Sequence[dict], tau: float,
+def headroom_report(model: str, base: Sequence[RolloutRecord], branches: Sequence[BranchRecord], tau: float,
                     sorted_entropy: np.ndarray, points: dict[str, tuple[int, int]],
                     settings: HeadroomSettings) -> HeadroomReport:
     """The report from the graded base completions and branch records (see [`HeadroomReport`]); `points` gives, per
     failed problem, its decision points and how many of them were branched."""
-    failures = [r["problem_id"] for r in base if r["reward"] <= 0]
-    by_arm: dict[str, dict[str, list[dict]]] = {arm: defaultdict(list) for arm in ARMS}
+    failures = [r.problem_id for r in base if r.reward <= 0]
+    by_arm: dict[str, dict[str, list[BranchRecord]]] = {arm: defaultdict(list) for arm in ARMS}
     for record in branches:
-        by_arm[record["arm"]][record["problem_id"]].append(record)
+        by_arm[record.arm][record.problem_id].append(record)
     arms = {arm: _arm(by_arm[arm], failures) for arm in ARMS}
-    fixed = {arm: [any(r["correct"] for r in by_arm[arm].get(p, [])) for p in failures] for arm in ARMS}
+    fixed = {arm: [any(r.correct for r in by_arm[arm].get(p, [])) for p in failures] for arm in ARMS}
     decision_vs_random = mcnemar(fixed["random"], fixed["decision"])
     decision = by_arm["decision"]
     branched = [points[p] for p in failures if points.get(p, (0, 0))[0] > 0]
     critical = [
-        CriticalStep(r["problem_id"], r["position"], r["entropy"],
-                     float(np.searchsorted(sorted_entropy, r["entropy"]) / max(1, len(sorted_entropy))), r["rank"])
-        for tries in decision.values() for r in tries if r["correct"]
+        CriticalStep(r.problem_id, r.position, r.entropy,
+                     float(np.searchsorted(sorted_entropy, r.entropy) / max(1, len(sorted_entropy))), r.rank)
+        for tries in decision.values() for r in tries if r.correct
     ]
     def fixed_by(rule) -> int:
-        return sum(any(r["correct"] and rule(r) for r in tries) for tries in decision.values())
+        return sum(any(r.correct and rule(r) for r in tries) for tries in decision.values())
 
-    first_point_fixed = fixed_by(lambda r: r["depth"] == 1 and r["point"] == 0)
-    by_round = [fixed_by(lambda r, d=depth: r["depth"] <= d) for depth in range(1, settings.rounds + 1)]
+    first_point_fixed = fixed_by(lambda r: r.depth == 1 and r.point == 0)
+    by_round = [fixed_by(lambda r, d=depth: r.depth <= d) for depth in range(1, settings.rounds + 1)]
     correct = len(base) - len(failures)
     ranks: dict[str, int] = defaultdict(int)
     for step in critical:
@@ -378,7 +388,7 @@ def headroom_report(model: str, base: Sequence[dict], branches: Sequence[dict], 
 
 
 def headroom_verdict(failures: int, branched: int, tau: float, arms: dict[str, ArmHeadroom],
-                     decision_vs_random: dict[str, float], base: float, ceiling: float, oracle: float,
+                     decision_vs_random: McNemar, base: float, ceiling: float, oracle: float,
                      min_gain: float) -> tuple[str, str]:
     """`go`, `no-go` or `unclear`, and why (see the module docstring)."""
     if failures == 0:
@@ -386,7 +396,7 @@ def headroom_verdict(failures: int, branched: int, tau: float, arms: dict[str, A
     if branched == 0:
         return "no-go", f"no failed completion has a decision point above tau = {tau:.3f} nats: nothing to switch"
     d, r, s = (arms[arm].fixed for arm in ARMS)
-    p = decision_vs_random["p_value"]
+    p = decision_vs_random.p_value
     controls = (f"switches fix {d}/{failures} failures at decision points against {r}/{failures} at random calm "
                 f"steps (p = {p:.2g}); resampling fixes {s}/{failures} at the same budget")
     if ceiling - base < min_gain:
@@ -399,13 +409,13 @@ def headroom_verdict(failures: int, branched: int, tau: float, arms: dict[str, A
                   f"{base:.3f}: {controls}")
 
 
-def _arm(tries: dict[str, list[dict]], failures: list[str]) -> ArmHeadroom:
+def _arm(tries: dict[str, list[BranchRecord]], failures: list[str]) -> ArmHeadroom:
     records = [r for problem in failures for r in tries.get(problem, [])]
-    fixed = sum(any(r["correct"] for r in tries.get(problem, [])) for problem in failures)
+    fixed = sum(any(r.correct for r in tries.get(problem, [])) for problem in failures)
     return ArmHeadroom(
         tries=len(records), fixed=fixed, fixed_share=fixed / len(failures) if failures else 0.0,
         fixed_interval=wilson_interval(fixed, len(failures)) if failures else None,
-        try_success=sum(r["correct"] for r in records) / len(records) if records else 0.0,
+        try_success=sum(r.correct for r in records) / len(records) if records else 0.0,
     )
 
 

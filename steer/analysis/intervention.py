@@ -219,8 +219,8 @@ def intervene(
 def substitution_rate(folder: PredictionFolder, arm: str) -> float:
     """Gated (substituted) steps over all steps of `arm` in an evaluation folder."""
     records = folder.records(arm)
-    steps = sum(r["steps"] for r in records)
-    return sum(r["gated"] for r in records) / steps if steps else 0.0
+    steps = sum(r.steps for r in records)
+    return sum(r.gated for r in records) / steps if steps else 0.0
 
 
 def intervention_rows(arms: Mapping[str, ArmSummary]) -> dict[str, ArmOutcome]:

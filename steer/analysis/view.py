@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from steer.files import atomic_write_text
 from steer.head import CorrectionHead
 from steer.pipeline.decoding import DecodingSettings, decode_batch, steering
-from steer.pipeline.folders.predictions import PredictionFolder, StepTrace
+from steer.pipeline.folders.predictions import PredictionFolder, PredictionRecord, StepTrace
 from steer.pipeline.prompts import build_prompt, encode_prompt
 from steer.pipeline.tracing import Tracer, token_texts
 
@@ -130,20 +130,19 @@ def view_from_run(path: str | os.PathLike, limit: int | None = None) -> ViewPage
     """
     folder = PredictionFolder(path)
     traces = folder.traces()
-    groups: dict[tuple, list[dict[str, Any]]] = {}
+    groups: dict[tuple, list[PredictionRecord]] = {}
     for record in folder.records():
-        key = (record["benchmark"], record["problem_id"], record["arm"], record["sample"])
-        if key in traces.by_key:
-            groups.setdefault((record["benchmark"], record["problem_id"], record["sample"]), []).append(record)
+        if record.key in traces.by_key:
+            groups.setdefault((record.benchmark, record.problem_id, record.sample), []).append(record)
     items = []
     for (benchmark, problem, sample), records in list(groups.items())[:limit]:
         arms = []
         for record in records:
-            recorded = traces.by_key[benchmark, problem, record["arm"], sample]
-            arms.append(ArmView(record["arm"], recorded.trace, recorded.tau, record.get("correct"),
-                                record.get("answer"), record.get("finish_reason")))
-        question = traces.by_key[benchmark, problem, records[0]["arm"], sample].question
-        items.append(ViewItem(f"{benchmark} · {problem} · sample {sample}", question, records[0].get("gold"), arms))
+            recorded = traces.by_key[record.key]
+            arms.append(ArmView(record.arm, recorded.trace, recorded.tau, record.correct, record.answer,
+                                record.finish_reason))
+        question = traces.by_key[records[0].key].question
+        items.append(ViewItem(f"{benchmark} · {problem} · sample {sample}", question, records[0].gold, arms))
     taus = [arm.tau for item in items for arm in item.arms if arm.tau is not None]
     return ViewPage(f"steer view: {Path(path).name}", f"steer eval run {Path(path)}", items, traces.tokens,
                     taus[0] if taus else None)

@@ -7,41 +7,52 @@ branches of one kind, of similar lengths; every branch stops at the completion's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steer.pipeline.decoding import Decoder, DecodingSettings, ProcessorFactory, batches_by_length, decode_units
+from steer.pipeline.folders import Record
 from steer.pipeline.grading import grade
 from steer.pipeline.jobs import Work
 
+T = TypeVar("T")
+R = TypeVar("R", bound=Record)
+
 
 @dataclass(frozen=True)
-class Branch:
+class Branch(Generic[T]):
     """One continuation to decode and grade.
 
     Attributes:
-        key (`dict[str, Any]`): the fields that identify its record (the store's key fields and their values).
+        key (`tuple`): the key of its record in the store it goes to.
         prompt_ids (`list[int]`), prefix (`list[int]`): what the model continues: the prompt, then completion tokens
             (the switched token last); an empty prefix is a resample, decoded with sampling.
         gold (`str`): the gold answer the full completion is graded against.
-        info (`dict[str, Any]`): other fields copied into its record (position, entropy, ...).
+        tag (`T`): what its record holds besides the outcome (a labelled point, a headroom switch, ...).
     """
 
-    key: dict[str, Any]
+    key: tuple
     prompt_ids: list[int]
     prefix: list[int]
     gold: str
-    info: dict[str, Any] = field(default_factory=dict)
+    tag: T
 
     @property
     def sampled(self) -> bool:
         return not self.prefix
 
-    def unit_key(self) -> tuple:
-        return tuple(self.key.values())
+
+@dataclass(frozen=True)
+class Outcome:
+    """A continued branch: the whole `completion` (text and `completion_ids`, prefix included, cut to the budget)
+    and whether it is `correct`."""
+
+    completion: str
+    completion_ids: list[int]
+    correct: bool
 
 
 @dataclass(frozen=True)
@@ -62,22 +73,21 @@ def branch_batches(branches: Sequence[Branch], batch_size: int) -> list[list[Bra
             for batch in batches_by_length(kind, [len(b.prompt_ids) + len(b.prefix) for b in kind], batch_size)]
 
 
-def continue_branches(model: PreTrainedModel | Decoder, tokenizer: PreTrainedTokenizerBase, batch: Sequence[Branch],
-                      decoding: BranchDecoding, processor: ProcessorFactory | None = None) -> Work:
+def continue_branches(model: PreTrainedModel | Decoder, tokenizer: PreTrainedTokenizerBase,
+                      batch: Sequence[Branch[T]], decoding: BranchDecoding, record: Callable[[Branch[T], Outcome], R],
+                      processor: ProcessorFactory | None = None) -> Work[R]:
     """Decode one batch (of one kind) with the model or an engine ([`Decoder`], such as vLLM's), through
-    `processor` if given (a steering head, transformers only: branches continued by the steered model), and grade
-    each full completion; a record per branch: its key fields, its info, the completion text and token ids (prefix
-    included, cut to the budget) and whether it is `correct`."""
+    `processor` if given (a steering head, transformers only: branches continued by the steered model), grade each
+    full completion, and make each branch's record from it and its [`Outcome`] with `record`."""
     budget = decoding.budget - min(len(b.prefix) for b in batch)
     settings = DecodingSettings(temperature=decoding.temperature if batch[0].sampled else 0.0, top_p=decoding.top_p,
                                 max_new_tokens=max(1, budget))
     completions = decode_units(model, tokenizer, [b.prompt_ids + b.prefix for b in batch], settings, decoding.seed,
-                               [b.unit_key() for b in batch], processor)
+                               [b.key for b in batch], processor)
     records, tokens = [], 0
     for branch, completion in zip(batch, completions):
         ids = (branch.prefix + completion.token_ids)[: decoding.budget]
         text = tokenizer.decode(ids, skip_special_tokens=True)
         tokens += len(completion.token_ids)
-        records.append({**branch.key, **branch.info, "completion": text, "completion_ids": ids,
-                        "correct": grade(text, branch.gold)})
+        records.append(record(branch, Outcome(text, ids, grade(text, branch.gold))))
     return Work(records, len(batch), tokens)

@@ -34,7 +34,7 @@ from steer.pipeline.decoding import (
     steering,
 )
 from steer.pipeline.distributed import Workers
-from steer.pipeline.folders.predictions import PredictionFolder, StepTrace
+from steer.pipeline.folders.predictions import PredictionFolder, PredictionRecord, StepTrace
 from steer.pipeline.grading import extract_answer, grade
 from steer.pipeline.jobs import Job, Work, run_job
 from steer.pipeline.problems import Problem
@@ -131,7 +131,7 @@ def evaluate(
     if trace_top_k is not None and any(isinstance(arm.model, Decoder) for arm in arms):
         raise ValueError("traces are recorded in transformers' generate: evaluate with the model, not an engine")
 
-    def work(batch: list[_Unit]) -> Work:
+    def work(batch: list[_Unit]) -> Work[PredictionRecord]:
         keys = [(u.benchmark, u.problem.id, u.sample) for u in batch]
         ids = [prompts[u.benchmark, u.problem.id] for u in batch]
         records, tokens = [], 0
@@ -179,18 +179,10 @@ def _write_traces(folder: PredictionFolder, tokenizer: PreTrainedTokenizerBase, 
     folder.write_traces(keys, traces, [u.problem.question for u in batch], token_texts(tokenizer, traces), arm.tau)
 
 
-def _record(unit: _Unit, arm: str, completion: Completion) -> dict:
-    return {
-        "benchmark": unit.benchmark,
-        "problem_id": unit.problem.id,
-        "arm": arm,
-        "sample": unit.sample,
-        "completion": completion.text,
-        "answer": extract_answer(completion.text),
-        "gold": unit.problem.gold,
-        "correct": grade(completion.text, unit.problem.gold),
-        "finish_reason": completion.finish_reason,
-        "steps": completion.steps,
-        "gated": completion.gated,
-        "changed": completion.changed,
-    }
+def _record(unit: _Unit, arm: str, completion: Completion) -> PredictionRecord:
+    return PredictionRecord(
+        benchmark=unit.benchmark, problem_id=unit.problem.id, arm=arm, sample=unit.sample,
+        completion=completion.text, answer=extract_answer(completion.text), gold=unit.problem.gold,
+        correct=grade(completion.text, unit.problem.gold), finish_reason=completion.finish_reason,
+        steps=completion.steps, gated=completion.gated, changed=completion.changed,
+    )

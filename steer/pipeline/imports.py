@@ -26,7 +26,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from steer.errors import SteerError
-from steer.pipeline.folders.rollouts import RolloutFolder
+from steer.pipeline.folders.rollouts import RolloutFolder, RolloutRecord
 from steer.pipeline.grading import extract_answer, grade
 from steer.pipeline.problems import Problem
 from steer.pipeline.prompts import DEFAULT_INSTRUCTION, build_prompt, encode_prompt
@@ -77,12 +77,12 @@ def import_rollouts(
         samples[problem_id] = sample + 1
         records.append(_rollout(raw, where, problem_id, sample, tokenizer, problems or {}, instruction))
     store = RecordStore(folder.records_path, folder.key)
-    store.extend(records)
+    store.extend([record.to_json() for record in records])
     return len(store)
 
 
 def _rollout(raw: dict[str, Any], where: str, problem_id: str, sample: int, tokenizer: PreTrainedTokenizerBase,
-             problems: Mapping[str, Problem], instruction: str) -> dict[str, Any]:
+             problems: Mapping[str, Problem], instruction: str) -> RolloutRecord:
     prompt, prompt_ids = _prompt(raw, where, tokenizer, instruction)
     if not prompt_ids:
         raise RolloutImportError(f"{where}: the prompt is empty (scoring needs logits that predict the completion)")
@@ -92,20 +92,14 @@ def _rollout(raw: dict[str, Any], where: str, problem_id: str, sample: int, toke
     if "reward" not in raw and gold is None:
         raise RolloutImportError(f"{where}: no reward and no gold answer for problem {problem_id!r}: give `reward` "
                                  "or `gold` in the record, or the benchmark (--data)")
-    return {
-        "problem_id": problem_id,
-        "sample": sample,
-        "benchmark": raw.get("benchmark", problems[problem_id].benchmark if problem_id in problems else ""),
-        "gold": gold,
-        "prompt": prompt,
-        "prompt_ids": [int(i) for i in prompt_ids],
-        "completion": completion,
-        "completion_ids": [int(i) for i in completion_ids],
-        "answer": extract_answer(completion),
-        "reward": float(raw["reward"]) if "reward" in raw else float(grade(completion, gold)),
-        "finish_reason": raw.get("finish_reason", "stop"),
-        "num_tokens": len(completion_ids),
-    }
+    return RolloutRecord(
+        problem_id=problem_id, sample=sample,
+        benchmark=raw.get("benchmark", problems[problem_id].benchmark if problem_id in problems else ""),
+        gold=gold, prompt=prompt, prompt_ids=[int(i) for i in prompt_ids], completion=completion,
+        completion_ids=[int(i) for i in completion_ids], answer=extract_answer(completion),
+        reward=float(raw["reward"]) if "reward" in raw else float(grade(completion, gold)),
+        finish_reason=raw.get("finish_reason", "stop"), num_tokens=len(completion_ids),
+    )
 
 
 def _prompt(raw: dict[str, Any], where: str, tokenizer: PreTrainedTokenizerBase,

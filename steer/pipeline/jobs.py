@@ -24,26 +24,26 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from steer.pipeline.distributed import Workers
-from steer.pipeline.folders import RunFolder
+from steer.pipeline.folders import Record, RunFolder
 from steer.pipeline.progress import Throughput, ThroughputBar
 from steer.pipeline.store import RecordStore, check_settings, read_jsonl
 
 U = TypeVar("U")
-Record = dict[str, Any]
+R = TypeVar("R", bound=Record)
 
 
 @dataclass(frozen=True)
-class Work:
+class Work(Generic[R]):
     """What one batch produced.
 
     Attributes:
-        records (`list[dict]`): records for the store (those whose keys are already stored are skipped).
+        records (`list[Record]`): records for the store (those whose keys are already stored are skipped).
         items (`int`): sequences or rollouts handled, for the progress bar and the totals.
         tokens (`int`): tokens generated or scored.
         counts (`dict[str, int]`): other counts to total over the job (for example stored points).
     """
 
-    records: list[Record]
+    records: list[R]
     items: int
     tokens: int
     counts: dict[str, int] = field(default_factory=dict)
@@ -58,16 +58,16 @@ class JobTotals(Throughput):
 
 
 @dataclass(frozen=True)
-class JobResult:
+class JobResult(Generic[R]):
     """Every record in the store after the job (main process only; other processes get `[]`) and the totals."""
 
-    records: list[Record]
+    records: list[R]
     totals: JobTotals
 
 
 @dataclass(frozen=True)
-class Job(Generic[U]):
-    """A resumable, shareable stage.
+class Job(Generic[U, R]):
+    """A resumable, shareable stage: units of type `U` make records of type `R`, the folder's record type.
 
     Attributes:
         label (`str`), unit (`str`): the progress bar's label and what it counts.
@@ -78,8 +78,8 @@ class Job(Generic[U]):
             of them is missing.
         batches (`Callable[[list[U]], Iterable[list[U]]]`): groups the pending units into batches.
         work (`Callable[[list[U]], Work]`): runs one batch.
-        covered_keys (`Callable[[dict], Iterable[tuple]]`, *optional*): the unit keys a stored record accounts for;
-            by default the record's own key.
+        covered_keys (`Callable[[R], Iterable[tuple]]`, *optional*): the unit keys a stored record accounts for; by
+            default the record's own key.
         items_per_unit (`int`, defaults to 1): items a unit makes (the progress bar's total).
         count_names (`tuple[str, ...]`): the names of [`Work.counts`] to total.
 
@@ -88,7 +88,7 @@ class Job(Generic[U]):
     ```python
     >>> job = Job("squares", "item", SquaresFolder("out"), {}, units=range(10),
     ...           unit_keys=lambda n: [(n,)], batches=lambda pending: [pending],
-    ...           work=lambda batch: Work([{"n": n, "square": n * n} for n in batch], len(batch), 0))
+    ...           work=lambda batch: Work([Square(n, n * n) for n in batch], len(batch), 0))
     >>> run_job(job).totals.items  # doctest: +SKIP
     10
     ```
@@ -96,32 +96,33 @@ class Job(Generic[U]):
 
     label: str
     unit: str
-    folder: RunFolder
+    folder: RunFolder[R]
     settings: dict[str, Any]
     units: Sequence[U]
     unit_keys: Callable[[U], Iterable[tuple]]
     batches: Callable[[list[U]], Iterable[list[U]]]
-    work: Callable[[list[U]], Work]
-    covered_keys: Callable[[Record], Iterable[Hashable]] | None = None
+    work: Callable[[list[U]], Work[R]]
+    covered_keys: Callable[[R], Iterable[Hashable]] | None = None
     items_per_unit: int = 1
     count_names: tuple[str, ...] = ()
 
 
-def run_job(job: Job[U], workers: Workers = Workers(), progress: bool = True) -> JobResult:
+def run_job(job: Job[U, R], workers: Workers = Workers(), progress: bool = True) -> JobResult[R]:
     """Run the pending part of `job` (see the module docstring); every process of the job must call it."""
-    path, key_fields = job.folder.records_path, job.folder.key
+    folder = job.folder
+    path, key_fields = folder.records_path, folder.key
     if workers.is_main:
-        check_settings(job.folder.settings_path, job.settings)
+        check_settings(folder.settings_path, job.settings)
     store, existing = open_store(path, key_fields, workers)
-    covered = job.covered_keys or (lambda record: [store.key(record)])
-    done = {key for record in existing for key in covered(record)}
+    covered = job.covered_keys or (lambda record: [folder.key_of(record)])
+    done = {key for data in existing for key in covered(folder.record_type.from_json(data))}
     pending = [unit for unit in job.units if any(key not in done for key in job.unit_keys(unit))]
     mine = workers.share(list(job.batches(pending)))
     bar = ThroughputBar(sum(map(len, mine)) * job.items_per_unit, job.label, job.unit, progress and workers.is_main)
     counts: Counter[str] = Counter()
     for batch in mine:
         work = job.work(batch)
-        store.extend(work.records)
+        store.extend([record.to_json() for record in work.records])
         counts.update(work.counts)
         bar.advance(work.items, work.tokens)
     bar.close()
@@ -146,7 +147,7 @@ def part_path(path: Path, rank: int) -> Path:
     return path.parent / "parts" / f"{path.stem}.{rank}{path.suffix}"
 
 
-def open_store(path: Path, key_fields: tuple[str, ...], workers: Workers) -> tuple[RecordStore, list[Record]]:
+def open_store(path: Path, key_fields: tuple[str, ...], workers: Workers) -> tuple[RecordStore, list[dict[str, Any]]]:
     """The store this process appends to, and the records written by any process in an earlier run.
 
     Each file is repaired (a partial last line dropped) only by the process that writes it: the main store by the

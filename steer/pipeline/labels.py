@@ -17,42 +17,32 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from steer.pipeline.branching import Branch, BranchDecoding, branch_batches, continue_branches
+from steer.pipeline.branching import Branch, BranchDecoding, Outcome, branch_batches, continue_branches
 from steer.pipeline.decoding import Decoder
 from steer.pipeline.distributed import Workers
-from steer.pipeline.folders import RunFolder
-from steer.pipeline.folders.rollouts import RolloutFolder
+from steer.pipeline.folders.labels import LabelFolder, LabelRecord
+from steer.pipeline.folders.rollouts import RolloutFolder, RolloutKey, RolloutRecord
 from steer.pipeline.folders.scores import Features
 from steer.pipeline.jobs import Job, run_job
 from steer.pipeline.pool import resolve_tau, select_pool
 from steer.pipeline.progress import Throughput
 from steer.settings import LabelSettings
 
-LABELS_DIR = "labels"
+
+@dataclass(frozen=True)
+class Candidate:
+    """What a label records of its branch besides the outcome: the point, the candidate's rank and token."""
+
+    problem_id: str
+    sample: int
+    position: int
+    rank: int
+    token: int
 
 
-class LabelFolder(RunFolder):
-    """`ROLLOUTS_DIR/labels/`: `labels.jsonl`, one record per (problem_id, sample, position, rank) with the
-    candidate `token` and whether its greedy continuation was `correct`; and `labels.settings.json`."""
-
-    records_file = "labels.jsonl"
-    settings_file = "labels.settings.json"
-    key = ("problem_id", "sample", "position", "rank")
-    writer = "steer label"
-
-    @classmethod
-    def of(cls, rollouts_dir: str | os.PathLike) -> LabelFolder:
-        return cls(Path(rollouts_dir) / LABELS_DIR)
-
-    def success(self) -> dict[tuple[str, int, int], list[float]]:
-        """Per labelled point `(problem_id, sample, position)`, the success of each candidate by rank (1, 2, ...);
-        points with a rank missing (an interrupted run) are left out."""
-        by_point: dict[tuple[str, int, int], dict[int, float]] = defaultdict(dict)
-        for record in self.read_records(("correct",)):
-            point = (record["problem_id"], record["sample"], record["position"])
-            by_point[point][record["rank"]] = float(record["correct"])
-        return {point: [ranks[r] for r in range(1, len(ranks) + 1)] for point, ranks in by_point.items()
-                if sorted(ranks) == list(range(1, len(ranks) + 1))}
+def label_record(branch: Branch[Candidate], outcome: Outcome) -> LabelRecord:
+    return LabelRecord(**asdict(branch.tag), completion=outcome.completion, completion_ids=outcome.completion_ids,
+                       correct=outcome.correct)
 
 
 @dataclass(frozen=True)
@@ -66,8 +56,8 @@ class LabelSummary(Throughput):
     tau: float
 
 
-def plan_labels(features: Features, records: dict[tuple[str, int], dict], tau: float,
-                settings: LabelSettings) -> list[Branch]:
+def plan_labels(features: Features, records: dict[RolloutKey, RolloutRecord], tau: float,
+                settings: LabelSettings) -> list[Branch[Candidate]]:
     """A greedy branch for each top-k candidate at the first `points` decision points of each rollout."""
     branches = []
     taken: dict[int, int] = defaultdict(int)
@@ -81,9 +71,9 @@ def plan_labels(features: Features, records: dict[tuple[str, int], dict], tau: f
         position = int(features.point_position[row])
         for rank in range(1, min(settings.top_k, features.point_topk_ids.shape[1]) + 1):
             token = int(features.point_topk_ids[row, rank - 1])
-            key = {"problem_id": problem_id, "sample": sample, "position": position, "rank": rank}
-            branches.append(Branch(key, record["prompt_ids"], record["completion_ids"][:position] + [token],
-                                   record["gold"], {"token": token}))
+            branches.append(Branch((problem_id, sample, position, rank), record.prompt_ids,
+                                   record.completion_ids[:position] + [token], record.gold,
+                                   Candidate(problem_id, sample, position, rank, token)))
     return branches
 
 
@@ -107,22 +97,22 @@ def label_branches(
     ```
     """
     folder = RolloutFolder(rollouts_dir)
-    rollouts = folder.records(("gold", "prompt_ids", "completion_ids"))
+    rollouts = folder.read_records()
     pool = select_pool(rollouts, settings.pool_problems, keep_shortest=1.0)
     features = folder.scores.features(pool.keys)
     quantile = settings.tau_quantile if settings.tau is None else None
     tau = resolve_tau(features, settings.tau, quantile)
-    branches = plan_labels(features, {(r["problem_id"], r["sample"]): r for r in rollouts}, tau, settings)
+    branches = plan_labels(features, {r.key: r for r in rollouts}, tau, settings)
     decoding = BranchDecoding(settings.max_new_tokens, seed=settings.seed)
     labels = LabelFolder.of(rollouts_dir)
     job = Job(
         label="labels", unit="branch", folder=labels,
         settings={"model": model.name_or_path, **asdict(settings), "tau": tau},
-        units=branches, unit_keys=lambda b: [b.unit_key()],
+        units=branches, unit_keys=lambda b: [b.key],
         batches=lambda pending: branch_batches(pending, settings.batch_size),
-        work=lambda batch: continue_branches(model, tokenizer, batch, decoding),
+        work=lambda batch: continue_branches(model, tokenizer, batch, decoding, label_record),
     )
     result = run_job(job, workers, progress)
-    points = {(r["problem_id"], r["sample"], r["position"]) for r in result.records}
+    points = {r.point for r in result.records}
     return LabelSummary(tokens=result.totals.tokens, seconds=result.totals.seconds, path=labels.path,
                         branches=result.totals.items, points=len(points), tau=tau)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
@@ -55,21 +56,39 @@ def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tu
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mcnemar(base: Sequence[bool], steered: Sequence[bool]) -> dict[str, float]:
-    """Exact McNemar test on paired outcomes: of the discordant pairs, `gained` (steered right, base wrong) and
-    `lost` (the reverse); the two-sided p-value of the binomial test that both are equally likely."""
+@dataclass(frozen=True)
+class McNemar:
+    """An exact McNemar test: of the discordant pairs, `gained` (the other arm right, base wrong) and `lost` (the
+    reverse), and the two-sided `p_value` of the binomial test that both are equally likely."""
+
+    gained: int
+    lost: int
+    p_value: float
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """A paired sign-flip permutation test: the mean per-problem `difference` (other arm - base) and its two-sided
+    `p_value`."""
+
+    difference: float
+    p_value: float
+
+
+def mcnemar(base: Sequence[bool], steered: Sequence[bool]) -> McNemar:
+    """Exact McNemar test on paired outcomes (see [`McNemar`])."""
     if len(base) != len(steered):
         raise ValueError(f"paired outcomes differ in length: {len(base)} and {len(steered)}")
     gained = sum(1 for b, s in zip(base, steered) if s and not b)
     lost = sum(1 for b, s in zip(base, steered) if b and not s)
     n = gained + lost
     tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n if n else 1.0
-    return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail)}
+    return McNemar(gained, lost, min(1.0, 2 * tail))
 
 
 def paired_permutation(
     base: Sequence[float], steered: Sequence[float], resamples: int = 10_000, seed: int = 0
-) -> dict[str, float]:
+) -> Permutation:
     """Sign-flip permutation test of the mean per-problem difference `steered - base` (for scores in [0, 1] such
     as avg@n): two-sided p-value, exact for up to 16 differing problems, else Monte Carlo with `resamples`, counting
     the observed signs as one of them (so the p-value is at least 1 / (resamples + 1), never 0)."""
@@ -77,11 +96,11 @@ def paired_permutation(
     observed = abs(differences.mean()) if len(differences) else 0.0
     nonzero = differences[differences != 0]
     if len(nonzero) == 0:
-        return {"difference": 0.0, "p_value": 1.0}
+        return Permutation(0.0, 1.0)
     if len(nonzero) <= 16:  # every sign pattern, the observed one among them
         signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * len(nonzero))).reshape(len(nonzero), -1).T
     else:
         drawn = np.random.default_rng(seed).choice([-1.0, 1.0], size=(resamples, len(nonzero)))
         signs = np.concatenate([np.ones((1, len(nonzero))), drawn])
     means = np.abs((signs * nonzero).sum(axis=1) / len(differences))
-    return {"difference": float(differences.mean()), "p_value": float((means >= observed - 1e-12).mean())}
+    return Permutation(float(differences.mean()), float((means >= observed - 1e-12).mean()))

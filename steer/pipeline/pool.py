@@ -12,6 +12,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -43,8 +44,24 @@ class Pool:
         return list(self.advantages)
 
 
+class GradedRollout(Protocol):
+    """What the pool reads of a rollout: a [`RolloutRecord`] has it."""
+
+    @property
+    def problem_id(self) -> str: ...
+
+    @property
+    def sample(self) -> int: ...
+
+    @property
+    def reward(self) -> float: ...
+
+    @property
+    def num_tokens(self) -> int: ...
+
+
 def select_pool(
-    rollouts: Sequence[dict], problems: int = 50, keep_shortest: float = 0.8, clip: float = 2.5
+    rollouts: Sequence[GradedRollout], problems: int = 50, keep_shortest: float = 0.8, clip: float = 2.5
 ) -> Pool:
     """Choose the pool: the `problems` problems with both outcomes whose pass rate is nearest 0.5, the shortest
     `keep_shortest` fraction of their rollouts, and each rollout's advantage over its problem's rollouts
@@ -56,14 +73,15 @@ def select_pool(
     Example:
 
     ```python
-    >>> rollouts = [{"problem_id": "a", "sample": s, "reward": float(s % 2), "num_tokens": 10} for s in range(4)]
+    >>> from types import SimpleNamespace
+    >>> rollouts = [SimpleNamespace(problem_id="a", sample=s, reward=float(s % 2), num_tokens=10) for s in range(4)]
     >>> select_pool(rollouts, keep_shortest=1.0).advantages[("a", 1)]
     1.0
     ```
     """
     rewards: dict[str, list[float]] = defaultdict(list)
     for rollout in rollouts:
-        rewards[rollout["problem_id"]].append(float(rollout["reward"]))
+        rewards[rollout.problem_id].append(float(rollout.reward))
     contrasted = {pid: r for pid, r in rewards.items() if max(r) > min(r)}
     if not contrasted:
         outcome = "all right" if all(min(r) > 0 for r in rewards.values()) else "all wrong" if all(
@@ -76,14 +94,14 @@ def select_pool(
     nearest = sorted(contrasted, key=lambda pid: (abs(np.mean(contrasted[pid]) - 0.5), pid))[:problems]
     stats = {pid: (float(np.mean(contrasted[pid])), float(np.std(contrasted[pid]))) for pid in nearest}
     candidates = sorted(
-        (r for r in rollouts if r["problem_id"] in stats), key=lambda r: (r["num_tokens"], r["problem_id"], r["sample"])
+        (r for r in rollouts if r.problem_id in stats), key=lambda r: (r.num_tokens, r.problem_id, r.sample)
     )
     kept = candidates[: max(1, math.floor(keep_shortest * len(candidates) + 1e-9))]
     advantages = {}
     for rollout in kept:
-        mean, std = stats[rollout["problem_id"]]
-        value = (float(rollout["reward"]) - mean) / (std + 1e-8)
-        advantages[(rollout["problem_id"], rollout["sample"])] = float(np.clip(value, -clip, clip))
+        mean, std = stats[rollout.problem_id]
+        value = (float(rollout.reward) - mean) / (std + 1e-8)
+        advantages[(rollout.problem_id, rollout.sample)] = float(np.clip(value, -clip, clip))
     return Pool(pass_rates={pid: stats[pid][0] for pid in nearest}, advantages=advantages)
 
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steer.pipeline.decoding import Completion, Decoder, batches_by_length, decode_units, run_settings
 from steer.pipeline.distributed import Workers
-from steer.pipeline.folders.rollouts import RolloutFolder
+from steer.pipeline.folders.rollouts import RolloutFolder, RolloutRecord
 from steer.pipeline.grading import extract_answer, grade
 from steer.pipeline.jobs import Job, Work, run_job
 from steer.pipeline.problems import Problem
@@ -81,7 +81,7 @@ def run_rollouts(
     texts = {p.id: build_prompt(tokenizer, p.question, settings.instruction) for p in problems}
     prompts = {problem_id: encode_prompt(tokenizer, text) for problem_id, text in texts.items()}
 
-    def work(batch: list[tuple[Problem, int]]) -> Work:
+    def work(batch: list[tuple[Problem, int]]) -> Work[RolloutRecord]:
         completions = decode_units(model, tokenizer, [prompts[p.id] for p, _ in batch], settings.decoding,
                                    settings.seed, [(p.id, s) for p, s in batch])
         records = [_record(p, s, texts[p.id], prompts[p.id], c, reward_fn) for (p, s), c in zip(batch, completions)]
@@ -103,24 +103,16 @@ def run_rollouts(
         total=len(records),
         tokens=result.totals.tokens,
         seconds=result.totals.seconds,
-        mean_reward=sum(r["reward"] for r in records) / len(records) if records else 0.0,
+        mean_reward=sum(r.reward for r in records) / len(records) if records else 0.0,
     )
 
 
 def _record(
     problem: Problem, sample: int, prompt: str, prompt_ids: list[int], completion: Completion, reward_fn: RewardFn
-) -> dict:
-    return {
-        "problem_id": problem.id,
-        "sample": sample,
-        "benchmark": problem.benchmark,
-        "gold": problem.gold,
-        "prompt": prompt,
-        "prompt_ids": prompt_ids,
-        "completion": completion.text,
-        "completion_ids": completion.token_ids,
-        "answer": extract_answer(completion.text),
-        "reward": float(reward_fn(completion.text, problem)),
-        "finish_reason": completion.finish_reason,
-        "num_tokens": completion.steps,
-    }
+) -> RolloutRecord:
+    return RolloutRecord(
+        problem_id=problem.id, sample=sample, benchmark=problem.benchmark, gold=problem.gold, prompt=prompt,
+        prompt_ids=prompt_ids, completion=completion.text, completion_ids=completion.token_ids,
+        answer=extract_answer(completion.text), reward=float(reward_fn(completion.text, problem)),
+        finish_reason=completion.finish_reason, num_tokens=completion.steps,
+    )

@@ -23,7 +23,8 @@ from transformers import PreTrainedModel
 from steer.functional import entropy_topk
 from steer.head import embedding_fingerprint, output_embedding
 from steer.pipeline.distributed import Workers
-from steer.pipeline.folders.rollouts import RolloutFolder, rollout_key, rollout_length
+from steer.pipeline.folders.rollouts import RolloutFolder, RolloutRecord, TokenSequence, sequence_length
+from steer.pipeline.folders.scores import ShardRecord
 from steer.pipeline.jobs import Job, Work, run_job
 from steer.pipeline.progress import Throughput
 from steer.settings import ScoreSettings
@@ -73,35 +74,35 @@ def score_rollouts(
     """
     folder = RolloutFolder(rollouts_dir)
     scores = folder.scores
-    rollouts = folder.records(required=("prompt_ids", "completion_ids"))
-    if any(not r["prompt_ids"] for r in rollouts):
+    rollouts = folder.read_records()
+    if any(not r.prompt_ids for r in rollouts):
         raise ValueError(f"{folder.records_path}: a rollout has an empty prompt (no logits predict its start)")
     if workers.is_main:
         scores.path.mkdir(parents=True, exist_ok=True)
         scores.write_fingerprint(embedding_fingerprint(output_embedding(model)))
 
-    def work(group: list[dict]) -> Work:
+    def work(group: list[RolloutRecord]) -> Work[ShardRecord]:
         shard = _score_group(model, group, settings)
-        record = scores.write_shard(workers.rank, [rollout_key(r) for r in group], shard, settings.report_tau)
+        record = scores.write_shard(workers.rank, [r.key for r in group], shard, settings.report_tau)
         return Work([record], len(group), shard["entropy"].numel(), {"points": shard["point_token"].numel()})
 
     job = Job(
         label="scoring", unit="rollout", folder=scores, settings=score_settings_record(model, settings),
-        units=rollouts, unit_keys=lambda rollout: [rollout_key(rollout)],
-        covered_keys=lambda shard: [tuple(r["key"]) for r in shard["rollouts"]],
-        batches=lambda pending: _chunks(sorted(pending, key=rollout_length), settings.shard_rollouts),
+        units=rollouts, unit_keys=lambda rollout: [rollout.key],
+        covered_keys=lambda shard: [r.key for r in shard.rollouts],
+        batches=lambda pending: _chunks(sorted(pending, key=sequence_length), settings.shard_rollouts),
         work=work, count_names=("points",),
     )
     result = run_job(job, workers, progress)
-    stats = [rollout for shard in result.records for rollout in shard["rollouts"]]
-    total = sum(r["num_tokens"] for r in stats)
+    stats = [rollout for shard in result.records for rollout in shard.rollouts]
+    total = sum(r.num_tokens for r in stats)
     return ScoreSummary(
         scores_dir=scores.path,
         scored=result.totals.items,
         tokens=result.totals.tokens,
         points=result.totals.counts["points"],
         seconds=result.totals.seconds,
-        above_tau=sum(r["above_tau"] * r["num_tokens"] for r in stats) / total if total else 0.0,
+        above_tau=sum(r.above_tau * r.num_tokens for r in stats) / total if total else 0.0,
     )
 
 
@@ -120,12 +121,12 @@ def _chunks(items: Sequence, size: int) -> Iterator[list]:
         yield list(items[start : start + size])
 
 
-def token_batches(group: Sequence[dict], max_tokens: int) -> Iterator[list[int]]:
-    """Indices into `group` (rollout records sorted by increasing length) for forward passes of at most
-    `max_tokens` padded tokens (a rollout longer than that gets a pass of its own)."""
+def token_batches(group: Sequence[TokenSequence], max_tokens: int) -> Iterator[list[int]]:
+    """Indices into `group` (sequences sorted by increasing length) for forward passes of at most `max_tokens`
+    padded tokens (a sequence longer than that gets a pass of its own)."""
     batch: list[int] = []
     for index in range(len(group)):
-        if batch and (len(batch) + 1) * rollout_length(group[index]) > max_tokens:
+        if batch and (len(batch) + 1) * sequence_length(group[index]) > max_tokens:
             yield batch
             batch = []
         batch.append(index)
@@ -133,7 +134,8 @@ def token_batches(group: Sequence[dict], max_tokens: int) -> Iterator[list[int]]
         yield batch
 
 
-def _score_group(model: PreTrainedModel, group: list[dict], settings: ScoreSettings) -> dict[str, torch.Tensor]:
+def _score_group(model: PreTrainedModel, group: list[RolloutRecord],
+                 settings: ScoreSettings) -> dict[str, torch.Tensor]:
     """The tensors of one shard (see [`SHARD_TENSORS`]) for `group`."""
     entropies: list[torch.Tensor | None] = [None] * len(group)
     parts: list[dict[str, torch.Tensor]] = []
@@ -147,26 +149,28 @@ def _score_group(model: PreTrainedModel, group: list[dict], settings: ScoreSetti
     return {"entropy": torch.cat(entropies), "offsets": lengths.cumsum(0), **shard}
 
 
-def _score_batch(model: PreTrainedModel, rollouts: list[dict], settings: ScoreSettings) -> list[dict]:
+def _score_batch(model: PreTrainedModel, rollouts: list[RolloutRecord], settings: ScoreSettings) -> list[dict]:
     """Teacher-force one batch; per rollout, its entropies and the features of its stored points."""
     return [
-        _features(logits, hidden, torch.tensor(rollout["completion_ids"], device=logits.device), settings)
+        _features(logits, hidden, torch.tensor(rollout.completion_ids, device=logits.device), settings)
         for rollout, (logits, hidden) in zip(rollouts, teacher_force(model, rollouts))
     ]
 
 
-def teacher_force(model: PreTrainedModel, rollouts: Sequence[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def teacher_force(model: PreTrainedModel,
+                  rollouts: Sequence[TokenSequence]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One forward pass of `model` over the prompt and completion of each rollout, right-padded together.
 
     Args:
         model (`PreTrainedModel`): any causal LM.
-        rollouts (`Sequence[dict]`): records with `prompt_ids` (not empty) and `completion_ids` (lists of int).
+        rollouts (`Sequence[TokenSequence]`): rollout records, or anything with `prompt_ids` (not empty) and
+            `completion_ids`.
 
     Returns:
         Per rollout, `(logits, hidden)`: the logits `[completion tokens, vocab]` in the model's dtype that predicted
         each completion token, and the final hidden states `[completion tokens, hidden_size]` they came from.
     """
-    sequences = [r["prompt_ids"] + r["completion_ids"] for r in rollouts]
+    sequences = [[*r.prompt_ids, *r.completion_ids] for r in rollouts]
     width = max(map(len, sequences))
     ids = torch.zeros(len(sequences), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -178,8 +182,8 @@ def teacher_force(model: PreTrainedModel, rollouts: Sequence[dict]) -> list[tupl
     hidden = hidden_states[-1]
     results = []
     for row, rollout in enumerate(rollouts):
-        start = len(rollout["prompt_ids"]) - 1  # logits at position t predict token t + 1
-        positions = slice(start, start + len(rollout["completion_ids"]))
+        start = len(rollout.prompt_ids) - 1  # logits at position t predict token t + 1
+        positions = slice(start, start + len(rollout.completion_ids))
         results.append((logits[row, positions], hidden[row, positions]))
     return results
 

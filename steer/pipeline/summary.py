@@ -9,10 +9,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steer.pipeline.metrics import bootstrap_interval, mcnemar, paired_permutation, pass_at_k, wilson_interval
 from steer.pipeline.progress import Throughput
+
+if TYPE_CHECKING:  # the evaluation folder's record; that folder writes this summary beside its records
+    from steer.pipeline.folders.predictions import PredictionRecord
 
 PASS_AT = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -116,21 +119,22 @@ def _paired_by_arm(paired: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return paired or {}
 
 
-def summarize(predictions: Sequence[dict], samples: int) -> EvalSummary:
-    """The summary of a set of prediction records (see :mod:`steer.pipeline.folders.predictions`).
+def summarize(predictions: Sequence[PredictionRecord], samples: int) -> EvalSummary:
+    """The summary of a set of prediction records ([`PredictionRecord`]).
 
     Example:
 
     ```python
-    >>> records = [{"benchmark": "b", "problem_id": str(i), "arm": "base", "sample": 0, "correct": i < 3,
-    ...             "steps": 10, "gated": 0, "changed": 0, "finish_reason": "stop"} for i in range(4)]
+    >>> from steer.pipeline.folders.predictions import PredictionRecord
+    >>> records = [PredictionRecord("b", str(i), "base", 0, "", None, "1", i < 3, "stop", 10, 0, 0) for i in range(4)]
     >>> summarize(records, samples=1).benchmarks["b"].arms["base"].accuracy
     0.75
     ```
     """
-    grouped: dict[str, dict[str, dict[str, list[dict]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    grouped: dict[str, dict[str, dict[str, list[PredictionRecord]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list)))
     for record in predictions:
-        grouped[record["benchmark"]][record["arm"]][record["problem_id"]].append(record)
+        grouped[record.benchmark][record.arm][record.problem_id].append(record)
     benchmarks = {}
     for name, arms in grouped.items():
         paired = {arm: _paired(arms["base"], by_problem, samples) for arm, by_problem in arms.items()
@@ -140,12 +144,12 @@ def summarize(predictions: Sequence[dict], samples: int) -> EvalSummary:
     return EvalSummary(samples=samples, benchmarks=benchmarks)
 
 
-def _arm_summary(by_problem: Mapping[str, list[dict]], samples: int) -> ArmSummary:
-    correct = {pid: sum(bool(r["correct"]) for r in records) for pid, records in by_problem.items()}
+def _arm_summary(by_problem: Mapping[str, list[PredictionRecord]], samples: int) -> ArmSummary:
+    correct = {pid: sum(bool(r.correct) for r in records) for pid, records in by_problem.items()}
     counts = {pid: len(records) for pid, records in by_problem.items()}
     scores = [correct[pid] / counts[pid] for pid in by_problem]
     records = [r for rs in by_problem.values() for r in rs]
-    steps = sum(r["steps"] for r in records)
+    steps = sum(r.steps for r in records)
     interval = (wilson_interval(sum(correct.values()), len(records)) if samples == 1
                 else bootstrap_interval(scores))
     ks = [k for k in PASS_AT if k <= min(counts.values())] if samples > 1 else []
@@ -155,24 +159,25 @@ def _arm_summary(by_problem: Mapping[str, list[dict]], samples: int) -> ArmSumma
         accuracy=sum(scores) / len(scores),
         interval_95=tuple(interval),
         mean_tokens=steps / len(records),
-        truncated=sum(r["finish_reason"] == "length" for r in records) / len(records),
-        gated_fraction=sum(r["gated"] for r in records) / steps if steps else 0.0,
-        changed_fraction=sum(r["changed"] for r in records) / steps if steps else 0.0,
+        truncated=sum(r.finish_reason == "length" for r in records) / len(records),
+        gated_fraction=sum(r.gated for r in records) / steps if steps else 0.0,
+        changed_fraction=sum(r.changed for r in records) / steps if steps else 0.0,
         pass_at_k={
             str(k): sum(pass_at_k(counts[pid], correct[pid], k) for pid in by_problem) / len(by_problem) for k in ks
         },
     )
 
 
-def _paired(base: Mapping[str, list[dict]], other: Mapping[str, list[dict]], samples: int) -> PairedTest:
+def _paired(base: Mapping[str, list[PredictionRecord]], other: Mapping[str, list[PredictionRecord]],
+            samples: int) -> PairedTest:
     shared = sorted(base.keys() & other.keys())
     if samples == 1:
-        outcome = {arm: [bool(records[pid][0]["correct"]) for pid in shared] for arm, records in
+        outcome = {arm: [bool(records[pid][0].correct) for pid in shared] for arm, records in
                    (("base", base), ("other", other))}
         test = mcnemar(outcome["base"], outcome["other"])
         difference = (sum(outcome["other"]) - sum(outcome["base"])) / len(shared) if shared else 0.0
-        return PairedTest("mcnemar", len(shared), difference, test["p_value"], test["gained"], test["lost"])
-    score = {arm: [sum(bool(r["correct"]) for r in records[pid]) / len(records[pid]) for pid in shared]
+        return PairedTest("mcnemar", len(shared), difference, test.p_value, test.gained, test.lost)
+    score = {arm: [sum(bool(r.correct) for r in records[pid]) / len(records[pid]) for pid in shared]
              for arm, records in (("base", base), ("other", other))}
-    test = paired_permutation(score["base"], score["other"])
-    return PairedTest("paired sign-flip permutation", len(shared), test["difference"], test["p_value"])
+    permutation = paired_permutation(score["base"], score["other"])
+    return PairedTest("paired sign-flip permutation", len(shared), permutation.difference, permutation.p_value)

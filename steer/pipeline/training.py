@@ -29,9 +29,9 @@ from steer.head import (
     fingerprints_match,
     output_embedding,
 )
+from steer.pipeline.folders.labels import LabelFolder
 from steer.pipeline.folders.rollouts import RolloutFolder
 from steer.pipeline.folders.scores import Features
-from steer.pipeline.labels import LabelFolder
 from steer.pipeline.objective import Points, branch_batch, decision_batch
 from steer.pipeline.pool import Pool, resolve_tau, select_pool
 from steer.settings import TrainSettings
@@ -139,7 +139,7 @@ def train_head(
     """
     start = time.perf_counter()
     folder = RolloutFolder(rollouts_dir)
-    pool = select_pool(folder.records(), settings.pool_problems, settings.keep_shortest, settings.advantage_clip)
+    pool = select_pool(folder.read_records(), settings.pool_problems, settings.keep_shortest, settings.advantage_clip)
     features = folder.scores.features(pool.keys)
     embedding = output_embedding(model).detach()
     if not fingerprints_match(features.embedding_fingerprint, embedding_fingerprint(embedding)):

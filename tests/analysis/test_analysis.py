@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -104,10 +105,10 @@ def test_footprint_finds_exactly_the_planted_positions(planted, digits, tokenize
     )
     report = footprint(base, rl, tokenizer, problems, tmp_path, settings, progress=False).report
 
-    rollouts = RolloutFolder(tmp_path / "rollouts").records()
+    rollouts = RolloutFolder(tmp_path / "rollouts").read_records()
     expected = torch.tensor([
-        (r["prompt_ids"] + r["completion_ids"])[len(r["prompt_ids"]) - 1 + t] == digits[5]
-        for r in rollouts for t in range(len(r["completion_ids"]))
+        (r.prompt_ids + r.completion_ids)[len(r.prompt_ids) - 1 + t] == digits[5]
+        for r in rollouts for t in range(len(r.completion_ids))
     ])
     positions = Positions.load(tmp_path / POSITIONS_FILE)
     assert expected.any() and not expected.all()
@@ -161,7 +162,7 @@ def test_ties_and_padded_vocabularies_do_not_count_as_changes(planted, digits, t
     """A choice tied for the base model's first place is the same choice; an RL model whose vocabulary is padded
     larger than the base model's (or the other way round) is compared over the shared part."""
     base, rl = planted
-    rollout = {"prompt_ids": [digits[1]], "completion_ids": [digits[2], digits[5], digits[6]]}
+    rollout = SimpleNamespace(prompt_ids=[digits[1]], completion_ids=[digits[2], digits[5], digits[6]])
     tied = bigram_model(torch.zeros(VOCAB, VOCAB))  # every token tied everywhere
     assert not compare_positions(tied, rl, [rollout], progress=False).differ.any()
     padded = bigram_model(torch.zeros(VOCAB, VOCAB))

@@ -17,6 +17,7 @@ import pytest
 from steer import world
 from steer.analysis.headroom import headroom
 from steer.models import load_model
+from steer.pipeline.metrics import McNemar
 from steer.pipeline.problems import Problem
 from steer.settings import TAU_FLOOR, HeadroomSettings
 
@@ -48,7 +49,7 @@ def test_headroom_finds_the_planted_decision_point(planted_choice, tokenizer, tm
     assert report.median_entropy_percentile > 0.8
     p_seven = 1 / (1 + math.exp(2.0))
     assert resample.try_success <= 0.5 and abs(resample.try_success - p_seven) < 0.35
-    assert report.decision_vs_random == {"gained": 8, "lost": 0, "p_value": 2 / 2**8}
+    assert report.decision_vs_random == McNemar(gained=8, lost=0, p_value=2 / 2**8)
     assert report.verdict == "go", report.reason
     assert json.loads((tmp_path / "headroom.json").read_text())["arms"]["decision"]["fixed"] == 8
     again = headroom(planted_choice, tokenizer, problems, tmp_path, PLANTED, progress=False)  # resumes: nothing to do

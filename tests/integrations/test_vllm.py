@@ -253,21 +253,21 @@ def test_vllm_engine_writes_the_same_rollouts_and_reproduces_them(steered, tmp_p
     greedy = RolloutSettings(samples=1, batch_size=2, instruction="",
                              decoding=DecodingSettings(temperature=0.0, max_new_tokens=NEW_TOKENS))
     run_rollouts(decoder, tokenizer, problems, tmp_path / "greedy", greedy, progress=False)
-    records = {r["problem_id"]: r for r in RolloutFolder(tmp_path / "greedy").records()}
-    hf = decode_batch(model, tokenizer, [records[p.id]["prompt_ids"] for p in problems], greedy.decoding, 0)
-    assert [records[p.id]["completion_ids"] for p in problems] == [c.token_ids for c in hf]
-    assert [records[p.id]["completion"] for p in problems] == [c.text for c in hf]
+    records = {r.problem_id: r for r in RolloutFolder(tmp_path / "greedy").read_records()}
+    hf = decode_batch(model, tokenizer, [records[p.id].prompt_ids for p in problems], greedy.decoding, 0)
+    assert [records[p.id].completion_ids for p in problems] == [c.token_ids for c in hf]
+    assert [records[p.id].completion for p in problems] == [c.text for c in hf]
 
     sampled = RolloutSettings(samples=3, batch_size=4, instruction="", seed=5,
                               decoding=DecodingSettings(temperature=1.0, max_new_tokens=NEW_TOKENS))
     run_rollouts(decoder, tokenizer, problems, tmp_path / "sampled", sampled, progress=False)
     store = RolloutFolder(tmp_path / "sampled").records_path
-    first = {(r["problem_id"], r["sample"]): r["completion_ids"] for r in RolloutFolder(store.parent).records()}
+    first = {r.key: r.completion_ids for r in RolloutFolder(store.parent).read_records()}
     assert len(set(map(tuple, first.values()))) > len(problems), "samples of a problem are all the same"
     lines = store.read_text().splitlines(keepends=True)
     store.write_text("".join(lines[:5]) + lines[5][:20])  # what a kill -9 leaves: a partial last line
     run_rollouts(decoder, tokenizer, problems, tmp_path / "sampled", sampled, progress=False)
-    again = {(r["problem_id"], r["sample"]): r["completion_ids"] for r in RolloutFolder(store.parent).records()}
+    again = {r.key: r.completion_ids for r in RolloutFolder(store.parent).read_records()}
     assert again == first, "a resumed run did not reproduce its samples"
     with pytest.raises(ValueError, match="engine"):  # the store was written by vLLM: hf may not complete it
         run_rollouts(model, tokenizer, problems, tmp_path / "sampled", sampled, progress=False)
@@ -331,8 +331,7 @@ def test_two_processes_with_one_vllm_engine_each_write_the_records_of_one(tmp_pa
         result = subprocess.run([sys.executable, *launcher, *command, "-o", str(tmp_path / name)], env=env,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-        records[name] = {(r["problem_id"], r["sample"]): (r["completion_ids"], r["reward"])
-                         for r in RolloutFolder(tmp_path / name).records()}
+        records[name] = {r.key: (r.completion_ids, r.reward) for r in RolloutFolder(tmp_path / name).read_records()}
     assert len(records["one"]) == 3 * len(PROMPTS) * 2
     assert len({ids for ids, _ in records["one"].values() for ids in [tuple(ids)]}) > len(PROMPTS)
     assert records["two"] == records["one"]

@@ -14,15 +14,17 @@ from click.testing import CliRunner
 from steer import CorrectionHead, world
 from steer.cli.main import main
 from steer.models import load_model
+from steer.pipeline.folders.predictions import PredictionRecord
 from steer.pipeline.metrics import wilson_interval
 from steer.pipeline.summary import PairedTest, summarize
 
 KEY = ("benchmark", "problem_id", "arm", "sample")
 
 
-def record(problem: str, arm: str, sample: int, correct: bool, **extra) -> dict:
-    return {"benchmark": "b", "problem_id": problem, "arm": arm, "sample": sample, "correct": correct, "steps": 10,
-            "gated": 1 if arm == "steered" else 0, "changed": 0, "finish_reason": "stop", **extra}
+def record(problem: str, arm: str, sample: int, correct: bool) -> PredictionRecord:
+    return PredictionRecord(benchmark="b", problem_id=problem, arm=arm, sample=sample, completion="", answer=None,
+                            gold="1", correct=correct, finish_reason="stop", steps=10,
+                            gated=1 if arm == "steered" else 0, changed=0)
 
 
 def test_summary_of_single_samples_and_paired_test():

@@ -32,12 +32,12 @@ def test_imported_rollouts_are_tokenised_graded_and_scored(tiny_model_dir, tmp_p
     ])
     problems = {"a": Problem("a", "What is 2 + 2?", "4", "toy")}
     assert import_rollouts(tokenizer, source, tmp_path / "r", model_name="tiny", problems=problems) == 4
-    records = {(r["problem_id"], r["sample"]): r for r in RolloutFolder(tmp_path / "r").records()}
-    assert [records["a", 0]["reward"], records["a", 1]["reward"], records["b", 0]["reward"]] == [1.0, 0.0, 0.5]
-    assert records["a", 0]["prompt_ids"] == encode_prompt(tokenizer, prompt)
-    assert records["b", 0]["prompt"] == build_prompt(tokenizer, "What is 3 + 3?")
-    assert records["c", 0]["completion_ids"] == [9, 1] and records["c", 0]["num_tokens"] == 2
-    assert records["a", 1]["completion_ids"] == tokenizer("It is \\boxed{5}.", add_special_tokens=False)["input_ids"]
+    records = {r.key: r for r in RolloutFolder(tmp_path / "r").read_records()}
+    assert [records["a", 0].reward, records["a", 1].reward, records["b", 0].reward] == [1.0, 0.0, 0.5]
+    assert records["a", 0].prompt_ids == encode_prompt(tokenizer, prompt)
+    assert records["b", 0].prompt == build_prompt(tokenizer, "What is 3 + 3?")
+    assert records["c", 0].completion_ids == [9, 1] and records["c", 0].num_tokens == 2
+    assert records["a", 1].completion_ids == tokenizer("It is \\boxed{5}.", add_special_tokens=False)["input_ids"]
     assert score_rollouts(model, tmp_path / "r", progress=False).scored == 4
     assert import_rollouts(tokenizer, source, tmp_path / "r", model_name="tiny", problems=problems) == 4  # again
 

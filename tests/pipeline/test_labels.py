@@ -9,7 +9,8 @@ import torch
 
 import steer
 from steer.pipeline.decoding import DecodingSettings
-from steer.pipeline.labels import LabelFolder, LabelSettings, label_branches
+from steer.pipeline.folders.labels import LabelFolder
+from steer.pipeline.labels import LabelSettings, label_branches
 from steer.pipeline.problems import Problem
 from steer.pipeline.rollout import RolloutSettings, run_rollouts
 from steer.pipeline.scoring import ScoreSettings, score_rollouts
@@ -37,7 +38,7 @@ def test_branch_labels_give_each_candidate_its_own_success(labelled, tokenizer):
     for (problem_id, sample, _), rates in success.items():
         assert rates == [0.0, 1.0, 0.0], (problem_id, sample, rates)  # "6" fails, "7" succeeds, rank 3 junk fails
     records = LabelFolder.of(folder).read_records()
-    assert {r["token"] for r in records if r["rank"] == 2} == {tokenizer.convert_tokens_to_ids("7")}
+    assert {r.token for r in records if r.rank == 2} == {tokenizer.convert_tokens_to_ids("7")}
     assert all(position == 5 for _, _, position in success) and five != tokenizer.convert_tokens_to_ids("7")
 
 

@@ -7,7 +7,14 @@ import math
 
 import pytest
 
-from steer.pipeline.metrics import bootstrap_interval, mcnemar, paired_permutation, pass_at_k, wilson_interval
+from steer.pipeline.metrics import (
+    Permutation,
+    bootstrap_interval,
+    mcnemar,
+    paired_permutation,
+    pass_at_k,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize("samples", [1, 2, 5, 8])
@@ -47,21 +54,21 @@ def test_mcnemar_counts_discordant_pairs_and_gives_the_exact_p_value():
     base = [True, False, False, False, True, False, False, False]
     steered = [True, True, True, True, False, True, True, False]
     result = mcnemar(base, steered)
-    assert (result["gained"], result["lost"]) == (5, 1)
-    assert result["p_value"] == pytest.approx(2 * (1 + 6) / 64)  # 2 * P(X <= 1), X ~ Bin(6, 1/2)
-    assert mcnemar([True, False], [True, False])["p_value"] == 1.0
+    assert (result.gained, result.lost) == (5, 1)
+    assert result.p_value == pytest.approx(2 * (1 + 6) / 64)  # 2 * P(X <= 1), X ~ Bin(6, 1/2)
+    assert mcnemar([True, False], [True, False]).p_value == 1.0
     with pytest.raises(ValueError):
         mcnemar([True], [True, False])
 
 
 def test_paired_permutation_exact_and_monte_carlo():
-    assert paired_permutation([0.5] * 4, [0.5] * 4) == {"difference": 0.0, "p_value": 1.0}
+    assert paired_permutation([0.5] * 4, [0.5] * 4) == Permutation(0.0, 1.0)
     exact = paired_permutation([0.0] * 5, [1.0] * 5)  # all 5 differences positive: 2 of 32 sign patterns as extreme
-    assert exact["difference"] == 1.0 and exact["p_value"] == pytest.approx(2 / 32)
+    assert exact.difference == 1.0 and exact.p_value == pytest.approx(2 / 32)
     many = paired_permutation([0.0] * 40, [0.25] * 30 + [0.0] * 10)
-    assert many["p_value"] < 1e-3
+    assert many.p_value < 1e-3
     # 30 equal differences: no resampled sign pattern is as extreme as the observed one, yet p is never 0
-    assert many["p_value"] == pytest.approx(1 / 10_001)
-    assert paired_permutation([0.0] * 40, [0.25] * 30 + [0.0] * 10, resamples=99)["p_value"] == pytest.approx(0.01)
+    assert many.p_value == pytest.approx(1 / 10_001)
+    assert paired_permutation([0.0] * 40, [0.25] * 30 + [0.0] * 10, resamples=99).p_value == pytest.approx(0.01)
     noise = paired_permutation([0.0, 1.0] * 20, [1.0, 0.0] * 20)
-    assert noise["difference"] == 0.0 and noise["p_value"] == 1.0
+    assert noise.difference == 0.0 and noise.p_value == 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,6 +29,16 @@ from steer.settings import OBJECTIVES
 HIDDEN, VOCAB, K, SAMPLES = 8, 12, 4, 8
 
 
+@dataclasses.dataclass(frozen=True)
+class Graded:
+    """What the pool reads of a rollout (a `RolloutRecord` has more)."""
+
+    problem_id: str
+    sample: int
+    reward: float
+    num_tokens: int
+
+
 class World:
     """Decision points with candidates 0..K-1 (plus noise tokens outside); candidate `right(h)` is the one a
     rollout must take to be rewarded. The base model is indifferent (uniform over the candidates)."""
@@ -47,9 +59,7 @@ class World:
         if shuffle:
             reward = reward[torch.randperm(len(reward), generator=generator)]
         keys = [(f"p{i // SAMPLES}", i % SAMPLES) for i in range(problems * SAMPLES)]
-        records = [
-            {"problem_id": p, "sample": s, "reward": float(r), "num_tokens": 1} for (p, s), r in zip(keys, reward)
-        ]
+        records = [Graded(p, s, float(r), 1) for (p, s), r in zip(keys, reward)]
         n = len(keys)
         logprobs = torch.full((n, VOCAB), -10.0)
         logprobs[:, :K] = -torch.log(torch.tensor(float(K)))
@@ -88,10 +98,7 @@ def test_head_learns_the_right_candidate_from_the_hidden_state(seed):
 
 def test_pool_selection_follows_the_recipe():
     rates = {"a": [1, 0, 0, 0], "b": [1, 1, 0, 0], "c": [1, 1, 1, 1], "d": [0, 0, 0, 0], "e": [1, 1, 1, 0]}
-    records = [
-        {"problem_id": p, "sample": s, "reward": float(r), "num_tokens": 10 * s + len(p)}
-        for p, rewards in rates.items() for s, r in enumerate(rewards)
-    ]
+    records = [Graded(p, s, float(r), 10 * s + len(p)) for p, rewards in rates.items() for s, r in enumerate(rewards)]
     pool = select_pool(records, problems=2, keep_shortest=0.75)
     assert sorted(pool.pass_rates) == ["a", "b"]  # b at 0.5 first, then a or e at 0.25/0.75 (ties by id)
     assert len(pool.advantages) == 6  # shortest 75% of 8 rollouts
@@ -102,13 +109,11 @@ def test_pool_selection_follows_the_recipe():
 
 
 def test_no_contrast_is_refused_with_a_reason():
-    records = [{"problem_id": p, "sample": s, "reward": 0.0, "num_tokens": 5} for p in "xy" for s in range(3)]
+    records = [Graded(p, s, 0.0, 5) for p in "xy" for s in range(3)]
     with pytest.raises(NoContrastError, match="all wrong"):
         select_pool(records)
-    for record in records:
-        record["reward"] = 1.0
     with pytest.raises(NoContrastError, match="all right"):
-        select_pool(records)
+        select_pool([dataclasses.replace(record, reward=1.0) for record in records])
 
 
 def test_candidates_include_the_sampled_token_outside_the_top_k():

@@ -1,9 +1,13 @@
-"""The run folders of the offline pipeline, one module per format: each module names its files and fields, writes
-them and reads them back, so that no other module composes a file name of a folder it does not own.
+"""The run folders of the offline pipeline, one module per format: each module names its files, defines the typed
+record of its store, writes it and reads it back, so that no other module composes a file name of a folder it does
+not own or reads a record field by a string.
 
-- :mod:`~steer.pipeline.folders.rollouts`: `steer rollout`'s folder (the rollout store);
-- :mod:`~steer.pipeline.folders.scores`: `steer score`'s `scores/` subfolder (entropies and decision-point features);
-- :mod:`~steer.pipeline.folders.predictions`: `steer eval`'s folder (predictions and their summary).
+- :mod:`~steer.pipeline.folders.rollouts`: `steer rollout`'s folder ([`RolloutRecord`]);
+- :mod:`~steer.pipeline.folders.scores`: `steer score`'s `scores/` subfolder (entropies and decision-point features,
+  indexed by [`ShardRecord`]);
+- :mod:`~steer.pipeline.folders.labels`: `steer label`'s `labels/` subfolder ([`LabelRecord`]);
+- :mod:`~steer.pipeline.folders.branches`: `steer analyze headroom`'s folder ([`BranchRecord`]);
+- :mod:`~steer.pipeline.folders.predictions`: `steer eval`'s folder ([`PredictionRecord`] and their summary).
 
 A head's folder is written and read by [`CorrectionHead`] (and `training.json` by
 [`steer.pipeline.training.TrainingRecord`]).
@@ -11,28 +15,58 @@ A head's folder is written and read by [`CorrectionHead`] (and `training.json` b
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from steer.pipeline.store import read_jsonl
 
 RolloutKey = tuple[str, int]
 """`(problem_id, sample)`: what identifies a rollout in every folder."""
 
+R = TypeVar("R", bound="Record")
 
-class RunFolder:
-    """What the run folders share: a path, a record store and a settings file, named by each subclass.
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """Base of the records of a run folder's store: a frozen dataclass written as one JSON object per line.
+
+    Fields without a default are required when a line is read (a line lacking one is an error naming the file and
+    line); fields a line does not know keep their defaults, and keys a record does not know are ignored, so that
+    folders written by earlier versions still read. Subclasses whose fields need converting from JSON (tuples,
+    nested records) override [`Record.from_json`].
+    """
+
+    @classmethod
+    def required(cls) -> tuple[str, ...]:
+        """The fields without a default."""
+        return tuple(f.name for f in dataclasses.fields(cls)
+                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+
+    @classmethod
+    def from_json(cls: type[R], data: dict[str, Any]) -> R:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in data.items() if name in names})
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class RunFolder(Generic[R]):
+    """What the run folders share: a path, a record store of typed records and a settings file, named by each
+    subclass.
 
     Attributes:
         records_file (`str`), settings_file (`str`): file names inside the folder.
+        record_type (`type[Record]`): the records of its store.
         key (`tuple[str, ...]`): the fields that identify a record.
         writer (`str`): the command that writes the folder, named when it is missing.
     """
 
     records_file: ClassVar[str]
     settings_file: ClassVar[str]
+    record_type: ClassVar[type[Record]]
     key: ClassVar[tuple[str, ...]]
     writer: ClassVar[str]
 
@@ -47,8 +81,12 @@ class RunFolder:
     def settings_path(self) -> Path:
         return self.path / self.settings_file
 
-    def read_records(self, required: Sequence[str] = ()) -> list[dict[str, Any]]:
-        """Every record, in file order, each checked to hold the key fields and `required`.
+    def key_of(self, record: R) -> tuple:
+        """The values of a record's key fields."""
+        return tuple(getattr(record, name) for name in self.key)
+
+    def read_records(self) -> list[R]:
+        """Every record, in file order.
 
         Raises:
             `FileNotFoundError`: there is no record store yet (the message names the command that writes it).
@@ -56,4 +94,5 @@ class RunFolder:
         """
         if not self.records_path.is_file():
             raise FileNotFoundError(f"{self.records_path} is missing: run `{self.writer}` first")
-        return list(read_jsonl(self.records_path, (*self.key, *required)))
+        return [self.record_type.from_json(data)
+                for data in read_jsonl(self.records_path, (*self.key, *self.record_type.required()))]

@@ -3,7 +3,7 @@ and their summary.
 
 Layout of an evaluation folder `DIR`:
 
-- `predictions.jsonl`: the records (fields: [`FIELDS`]), appended as batches finish, so an interrupted run resumes;
+- `predictions.jsonl`: the records ([`PredictionRecord`]), appended as batches finish, so an interrupted run resumes;
 - `eval.settings.json`: the arms, decoding settings and problems (a resumed run must use the same);
 - `summary.json`: the [`EvalSummary`] of all records, written at the end of a run;
 - `traces/trace-*.safetensors` (only with `steer eval --trace`): per-step traces of the records' decodes
@@ -21,7 +21,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,7 +28,7 @@ from safetensors.torch import save_file
 
 from steer.errors import SteerError
 from steer.files import atomic_write_json
-from steer.pipeline.folders import RunFolder
+from steer.pipeline.folders import Record, RunFolder
 from steer.pipeline.summary import EvalSummary
 
 RECORDS_FILE = "predictions.jsonl"
@@ -38,20 +37,6 @@ SUMMARY_FILE = "summary.json"
 TRACES_DIR = "traces"
 TRACE_FORMAT = "steer-trace-1"
 KEY = ("benchmark", "problem_id", "arm", "sample")
-FIELDS = {
-    "benchmark": "str: the benchmark's label",
-    "problem_id": "str",
-    "arm": "str: how it was decoded ('base', 'steered', or another arm's name)",
-    "sample": "int: the decode's index among the problem's decodes in this arm",
-    "completion": "str: the generated text",
-    "answer": "str | null: the answer extracted from the completion",
-    "gold": "str: the gold answer",
-    "correct": "bool",
-    "finish_reason": "str: 'stop' or 'length'",
-    "steps": "int: generated tokens",
-    "gated": "int: steps where the arm's processor acted (0 without one)",
-    "changed": "int: gated steps where that changed the top-1 token",
-}
 TRACE_TENSORS = {
     "offsets": "[sequences + 1] int64: where each sequence's steps start",
     "tokens": "[steps] int32: the generated token",
@@ -68,6 +53,39 @@ TRACE_METADATA = {
     "tokens": "JSON object: token id -> its text, for every id in `tokens` and `topk_ids`",
     "tau": "JSON number or null: the gate's threshold (nats) for this arm",
 }
+
+
+@dataclass(frozen=True)
+class PredictionRecord(Record):
+    """One graded decode of a benchmark problem.
+
+    Attributes:
+        benchmark (`str`): the benchmark's label. problem_id (`str`).
+        arm (`str`): how it was decoded (`"base"`, `"steered"`, or another arm's name).
+        sample (`int`): the decode's index among the problem's decodes in this arm.
+        completion (`str`): the generated text. answer (`str`, *optional*): the answer extracted from it.
+        gold (`str`): the gold answer. correct (`bool`).
+        finish_reason (`str`): `"stop"` or `"length"`. steps (`int`): generated tokens.
+        gated (`int`): steps where the arm's processor acted (0 without one); changed (`int`): gated steps where that
+            changed the top-1 token.
+    """
+
+    benchmark: str
+    problem_id: str
+    arm: str
+    sample: int
+    completion: str
+    answer: str | None
+    gold: str
+    correct: bool
+    finish_reason: str
+    steps: int
+    gated: int
+    changed: int
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return self.benchmark, self.problem_id, self.arm, self.sample
 
 
 @dataclass(frozen=True)
@@ -134,7 +152,7 @@ class FolderTraces:
     tokens: dict[int, str]
 
 
-class PredictionFolder(RunFolder):
+class PredictionFolder(RunFolder[PredictionRecord]):
     """An evaluation folder (see the module docstring).
 
     Args:
@@ -150,12 +168,13 @@ class PredictionFolder(RunFolder):
 
     records_file = RECORDS_FILE
     settings_file = SETTINGS_FILE
+    record_type = PredictionRecord
     key = KEY
     writer = "steer eval"
 
-    def records(self, arm: str | None = None) -> list[dict[str, Any]]:
+    def records(self, arm: str | None = None) -> list[PredictionRecord]:
         """The records (of one `arm`, or all), in file order."""
-        return [r for r in self.read_records() if arm is None or r["arm"] == arm]
+        return [r for r in self.read_records() if arm is None or r.arm == arm]
 
     @property
     def traces_path(self) -> Path:
@@ -195,9 +214,6 @@ class PredictionFolder(RunFolder):
         finally:
             tmp.unlink(missing_ok=True)
         return path
-
-    def has_traces(self) -> bool:
-        return any(self.traces_path.glob("trace-*.safetensors"))
 
     def traces(self) -> FolderTraces:
         """Every stored trace, by record key (a key in several shards, from a resumed batch, is read once).

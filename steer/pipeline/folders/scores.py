@@ -5,8 +5,8 @@ Layout of `ROLLOUTS_DIR/scores/`:
 - `settings.json`: the model and scoring settings (a resumed run must use the same);
 - `model.json`: the fingerprint of the model's output embedding, checked when a head is trained on these scores;
 - `shard-*.safetensors`: tensors for a group of rollouts, named as in [`TENSORS`];
-- `shards.jsonl`: the index, one record per shard: its `file`, and for each of its rollouts the `key`, the number of
-  tokens, the mean entropy, the share of positions above `report_tau` and the number of stored points.
+- `shards.jsonl`: the index, one [`ShardRecord`] per shard: its `file`, and a [`ShardRollout`] for each of its
+  rollouts.
 
 Shards are written atomically and indexed after they are complete, so an interrupted run resumes where it stopped.
 [`Features`] carries the same names as the shard tensors.
@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steer.files import atomic_write_json
-from steer.pipeline.folders import RolloutKey, RunFolder
+from steer.pipeline.folders import Record, RolloutKey, RunFolder
 from steer.pipeline.store import StoreError
 
 INDEX_FILE = "shards.jsonl"
@@ -77,7 +77,32 @@ class Features:
     embedding_fingerprint: list[float]
 
 
-class ScoreFolder(RunFolder):
+@dataclass(frozen=True)
+class ShardRollout:
+    """A rollout of a shard: its `key`, its generated tokens (`num_tokens`), their `mean_entropy`, the share of them
+    above the scoring's `report_tau` (`above_tau`), and the decision-point features stored (`points`)."""
+
+    key: RolloutKey
+    num_tokens: int
+    mean_entropy: float
+    above_tau: float
+    points: int
+
+
+@dataclass(frozen=True)
+class ShardRecord(Record):
+    """The index record of one shard: its `file` and its `rollouts`, in the order of the shard's tensors."""
+
+    file: str
+    rollouts: list[ShardRollout]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShardRecord:
+        rollouts = [ShardRollout(**{**r, "key": tuple(r["key"])}) for r in data["rollouts"]]
+        return cls(file=data["file"], rollouts=rollouts)
+
+
+class ScoreFolder(RunFolder[ShardRecord]):
     """The `scores/` folder of a rollouts folder (see the module docstring); its records are the shard index.
 
     Args:
@@ -93,6 +118,7 @@ class ScoreFolder(RunFolder):
 
     records_file = INDEX_FILE
     settings_file = SETTINGS_FILE
+    record_type = ShardRecord
     key = INDEX_KEY
     writer = "steer score"
 
@@ -100,7 +126,7 @@ class ScoreFolder(RunFolder):
         atomic_write_json(self.path / MODEL_FILE, {"embedding_fingerprint": fingerprint})
 
     def write_shard(self, rank: int, keys: Sequence[RolloutKey], tensors: dict[str, torch.Tensor],
-                    report_tau: float) -> dict[str, Any]:
+                    report_tau: float) -> ShardRecord:
         """Save one shard's [`TENSORS`] atomically and return its index record (not yet appended to the index)."""
         name = f"shard-{rank:03d}-{uuid.uuid4().hex[:12]}.safetensors"
         tmp = self.path / f".{name}.tmp"
@@ -110,22 +136,13 @@ class ScoreFolder(RunFolder):
         rollouts = []
         for index, key in enumerate(keys):
             entropy = tensors["entropy"][offsets[index] : offsets[index + 1]]
-            rollouts.append({
-                "key": list(key),
-                "num_tokens": entropy.numel(),
-                "mean_entropy": float(entropy.mean()) if entropy.numel() else 0.0,
-                "above_tau": float((entropy > report_tau).float().mean()) if entropy.numel() else 0.0,
-                "points": int((tensors["point_rollout"] == index).sum()),
-            })
-        return {"file": name, "rollouts": rollouts}
-
-    def index(self) -> list[dict[str, Any]]:
-        """The index records, one per shard, or a `FileNotFoundError` saying to run `steer score`."""
-        return self.read_records(("rollouts",))
-
-    def rollout_stats(self) -> list[dict[str, Any]]:
-        """The per-rollout records of the index (key, tokens, mean entropy, share above `report_tau`, points)."""
-        return [rollout for shard in self.index() for rollout in shard["rollouts"]]
+            rollouts.append(ShardRollout(
+                key=tuple(key), num_tokens=entropy.numel(),
+                mean_entropy=float(entropy.mean()) if entropy.numel() else 0.0,
+                above_tau=float((entropy > report_tau).float().mean()) if entropy.numel() else 0.0,
+                points=int((tensors["point_rollout"] == index).sum()),
+            ))
+        return ShardRecord(name, rollouts)
 
     def features(self, keys: Sequence[RolloutKey]) -> Features:
         """The stored features of the rollouts `keys`, in that order.
@@ -135,11 +152,11 @@ class ScoreFolder(RunFolder):
         wanted = {tuple(key): position for position, key in enumerate(keys)}
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         entropy: list[torch.Tensor | None] = [None] * len(wanted)
-        for shard in self.index():
-            local = [wanted.get(tuple(r["key"])) for r in shard["rollouts"]]
+        for shard in self.read_records():
+            local = [wanted.get(r.key) for r in shard.rollouts]
             if all(position is None for position in local):
                 continue
-            tensors = load_file(str(self.path / shard["file"]))
+            tensors = load_file(str(self.path / shard.file))
             offsets = tensors["offsets"].tolist()
             for index, position in enumerate(local):
                 if position is not None:
