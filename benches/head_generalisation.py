@@ -103,10 +103,10 @@ def cross_validate(points: Points, groups: torch.Tensor, problem_ids: list[str],
         for evaluation, state in zip(fit.evaluations, fit.states):
             head.load_state_dict(state)
             with torch.no_grad():
-                objective = heldout.loss(head, embedding, settings.kl_weight, settings.objective)
+                objective = heldout.loss(head, embedding, settings.kl_weight)
             losses = per_problem(objective.point_policy, groups[held])
             base_loss = base_loss or losses  # the first evaluation is step 0
-            step = evaluation["step"]
+            step = evaluation.step
             for problem, value in per_problem(objective.point_gain, groups[held]).items():
                 gains[step][problem] = value
                 loss_delta[step][problem] = losses[problem] - base_loss[problem]
@@ -171,7 +171,7 @@ def main() -> None:
     defaults = TrainSettings()
     pool = select_pool(folder.read_records(), defaults.pool_problems, defaults.keep_shortest, defaults.advantage_clip)
     features = folder.scores.features(pool.keys)
-    tau = resolve_tau(features, defaults.tau, defaults.tau_quantile)
+    tau = resolve_tau(defaults, torch.cat(features.entropy), features.floor)
     problem_ids = sorted(pool.pass_rates)
     rollout_problem = torch.tensor([problem_ids.index(key[0]) for key in features.keys])
     folds = folds_of(problem_ids, args.folds, args.seed)
@@ -186,7 +186,7 @@ def main() -> None:
                 continue
             points = branch_batch(features, labels.success(), tau, settings.top_k)
         else:
-            points = decision_batch(features, pool.advantages, tau, settings.top_k)
+            points = decision_batch(features, pool.advantages, tau, settings.top_k, settings.objective)
         groups = rollout_problem[points.rollout]
         curve = cross_validate(points, groups, problem_ids, folds, embedding, settings, hidden)
         record["variants"][name] = {"settings": VARIANTS[name], "points": len(points),

@@ -37,7 +37,7 @@ def selections(model, rollouts: Path, labels: str, seeds: int) -> list[dict]:
     rows = []
     for seed in range(seeds):
         record = train_head(model, rollouts, TrainSettings(labels=labels, seed=seed), progress=False).record
-        gain_at = {e["step"]: e["gain"] for e in record.heldout}
+        gain_at = {e.step: e.gain for e in record.heldout}
         rows.append({"seed": seed, "heldout_problems": record.pool.heldout_problems,
                      "heldout_points": record.pool.heldout_points, "selected_step": record.selected_step,
                      "scale": record.scale, "gain_at_selected_step": gain_at.get(record.selected_step),

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 WORLD_INSTRUCTION = ""  # the built-in world's model was trained on bare questions
-OBJECTIVES = ("unlikelihood", "recipe")
-LABEL_SOURCES = ("advantage", "branches")
+ObjectiveName = Literal["unlikelihood", "recipe"]
+"""The loss of advantage-labelled points (see :mod:`steer.pipeline.objective`)."""
+LabelSource = Literal["advantage", "branches"]
+"""What a head learns from: the rollouts' advantages, or branch labels (`steer label`)."""
+OBJECTIVES: tuple[ObjectiveName, ...] = get_args(ObjectiveName)
+LABEL_SOURCES: tuple[LabelSource, ...] = get_args(LabelSource)
 PAPER_TAU = 1.4  # the paper's entropy gate (nats)
 # The least entropy (nats) of a decision point when tau is a quantile: that of a 90/10 choice between two tokens. A
 # model sure of itself almost everywhere (the built-in world's) has a 95% entropy quantile of a thousandth of a nat;
@@ -116,16 +121,36 @@ class ScoreSettings:
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class GateSettings:
+    """The decision gate: which positions are decision points (base entropy above tau). Shared by training, branch
+    labels and the headroom analysis, and resolved in one place ([`steer.pipeline.pool.resolve_tau`]).
+
+    Attributes:
+        tau (`float`, *optional*): the threshold in nats; given, it wins.
+        tau_quantile (`float`, *optional*, defaults to 0.95): otherwise tau is this quantile of the base entropy over
+            the generated positions (0.95 gates the top 5%), and at least [`TAU_FLOOR`]. A quantile adapts to the
+            model's entropy scale: the paper's 1.4 nats suits its Qwen models, but gated 60% of the steps of
+            SmolLM2-135M and made it worse.
+    """
+
+    tau: float | None = None
+    tau_quantile: float | None = 0.95
+
+    @property
+    def quantile(self) -> float | None:
+        """The quantile tau is resolved from, or `None` where tau is given."""
+        return self.tau_quantile if self.tau is None else None
+
+
+@dataclass(frozen=True)
+class TrainSettings(GateSettings):
     """Head training settings. Pool and loss defaults follow the ReasonMaxxer recipe (50 problems, shortest 80%,
     advantages clipped at 2.5, KL weight 0.2, 8 rollouts per step, grad clip 1.0, warm-up then linear decay); the
     learning rate is the head's own (it is not a LoRA).
 
     Attributes:
-        tau (`float`, *optional*), tau_quantile (`float`, *optional*, defaults to 0.95): the decision threshold in
-            nats, or as this quantile of the base entropy over the pool's generated positions, and at least
-            [`TAU_FLOOR`] (a given tau wins). A quantile adapts to the model's entropy scale: the paper's 1.4 nats
-            suits its Qwen models, but gated 60% of the steps of SmolLM2-135M and made it worse.
+        tau (`float`, *optional*), tau_quantile (`float`, *optional*, defaults to 0.95): the gate ([`GateSettings`]),
+            resolved over the pool's generated positions.
         top_k (`int`, defaults to 5), rank (`int`, defaults to 16): the head's candidates and rank.
         pool_problems (`int`, defaults to 50), keep_shortest (`float`, defaults to 0.8), advantage_clip (`float`,
             defaults to 2.5): see [`select_pool`].
@@ -145,8 +170,6 @@ class TrainSettings:
         seed (`int`, defaults to 0).
     """
 
-    tau: float | None = None
-    tau_quantile: float | None = 0.95
     top_k: int = 5
     rank: int = 16
     pool_problems: int = 50
@@ -161,8 +184,8 @@ class TrainSettings:
     heldout_fraction: float = 0.2
     scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     eval_every: int = 10
-    objective: str = "unlikelihood"
-    labels: str = "advantage"
+    objective: ObjectiveName = "unlikelihood"
+    labels: LabelSource = "advantage"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -177,12 +200,12 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
-class LabelSettings:
+class LabelSettings(GateSettings):
     """Which points are labelled, and how.
 
     Attributes:
-        tau (`float`, *optional*), tau_quantile (`float`, defaults to 0.95): the decision threshold, as for
-            `steer train` (a quantile at least [`TAU_FLOOR`]; a given tau wins); use the same as `steer train`.
+        tau (`float`, *optional*), tau_quantile (`float`, *optional*, defaults to 0.95): the gate
+            ([`GateSettings`]); use the same as `steer train`.
         points (`int`, defaults to 2): decision points labelled per rollout (its first ones).
         top_k (`int`, defaults to 5): candidates continued per point (the head's top-k or more).
         pool_problems (`int`, defaults to 50): rollouts of this many problems with both outcomes, nearest a pass
@@ -191,8 +214,6 @@ class LabelSettings:
         batch_size (`int`, defaults to 64), seed (`int`, defaults to 0).
     """
 
-    tau: float | None = None
-    tau_quantile: float = 0.95
     points: int = 2
     top_k: int = 5
     pool_problems: int = 50
@@ -202,15 +223,14 @@ class LabelSettings:
 
 
 @dataclass(frozen=True)
-class HeadroomSettings:
+class HeadroomSettings(GateSettings):
     """How the headroom is probed.
 
     Attributes:
+        tau (`float`, *optional*), tau_quantile (`float`, *optional*, defaults to 0.95): the gate ([`GateSettings`],
+            a trained head's tau with `steer analyze headroom --head`), resolved over all positions of the base
+            completions.
         max_new_tokens (`int`, defaults to 256): the token budget of a completion, branches included.
-        tau (`float`, *optional*), tau_quantile (`float`, defaults to 0.95): the decision threshold in nats (a
-            trained head's, with `steer analyze headroom --head`), or as `steer train` resolves it: this quantile of
-            the base entropy over all positions of the base completions, and at least [`TAU_FLOOR`] (a given tau
-            wins).
         points (`int`, defaults to 3): decision points branched per completion, its highest-entropy ones.
         top_k (`int`, defaults to 5): candidates per point: the base choice and `top_k - 1` alternatives.
         rounds (`int`, defaults to 2): switches in a row: a branch that still fails is branched again at its own
@@ -223,8 +243,6 @@ class HeadroomSettings:
     """
 
     max_new_tokens: int = 256
-    tau: float | None = None
-    tau_quantile: float = 0.95
     points: int = 3
     top_k: int = 5
     rounds: int = 2

@@ -50,7 +50,7 @@ from steer.pipeline.folders.branches import BranchFolder, BranchRecord
 from steer.pipeline.folders.rollouts import RolloutFolder, RolloutRecord, TokenSequence, sequence_length
 from steer.pipeline.jobs import Job, run_job
 from steer.pipeline.metrics import McNemar, mcnemar, wilson_interval
-from steer.pipeline.pool import quantile_tau
+from steer.pipeline.pool import resolve_tau
 from steer.pipeline.problems import Problem
 from steer.pipeline.rollout import RolloutSettings, run_rollouts
 from steer.pipeline.scoring import teacher_force, token_batches
@@ -299,8 +299,8 @@ def headroom(
     records = [r for r in RolloutFolder(out / "base").read_records() if r.problem_id in by_id]
     records.sort(key=lambda r: r.problem_id)
     base_scores = score_completions(model, records, settings.top_k)
-    entropies = torch.cat([s.entropy for s in base_scores]).numpy()
-    tau = settings.tau if settings.tau is not None else quantile_tau(entropies, settings.tau_quantile)
+    entropies = torch.cat([s.entropy for s in base_scores])
+    tau = resolve_tau(settings, entropies)
     failures = [r for r in records if r.reward <= 0]
     golds = {r.problem_id: r.gold for r in failures}
     folder = BranchFolder(out)
@@ -329,7 +329,7 @@ def headroom(
     if not workers.is_main:
         return None
     points = {pid: decision_points(scored[pid], tau, settings.points) for pid in golds}
-    report = headroom_report(model.name_or_path, records, branched, tau, np.sort(entropies),
+    report = headroom_report(model.name_or_path, records, branched, tau, np.sort(entropies.numpy()),
                              {pid: (found, len(tried)) for pid, (found, tried) in points.items()}, settings)
     atomic_write_json(out / REPORT_FILE, asdict(report))
     try:

@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steer.pipeline.branching import Branch, BranchDecoding, Outcome, branch_batches, continue_branches
@@ -100,8 +101,7 @@ def label_branches(
     rollouts = folder.read_records()
     pool = select_pool(rollouts, settings.pool_problems, keep_shortest=1.0)
     features = folder.scores.features(pool.keys)
-    quantile = settings.tau_quantile if settings.tau is None else None
-    tau = resolve_tau(features, settings.tau, quantile)
+    tau = resolve_tau(settings, torch.cat(features.entropy), features.floor)
     branches = plan_labels(features, {r.key: r for r in rollouts}, tau, settings)
     decoding = BranchDecoding(settings.max_new_tokens, seed=settings.seed)
     labels = LabelFolder.of(rollouts_dir)

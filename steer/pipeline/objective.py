@@ -30,11 +30,12 @@ import torch
 from steer.head import CorrectionHead
 from steer.pipeline.folders.rollouts import RolloutKey
 from steer.pipeline.folders.scores import Features
+from steer.settings import ObjectiveName
 
 MASKED = -1e9  # log-probability of an empty candidate slot: exp underflows to 0 without producing NaN
 
 
-class Objective(NamedTuple):
+class Losses(NamedTuple):
     """The objective on a batch of M points, point by point.
 
     Attributes:
@@ -69,29 +70,29 @@ class Objective(NamedTuple):
     def gain(self) -> torch.Tensor:
         return self.point_gain.mean()
 
-    def values(self) -> dict[str, float]:
-        """The batch means as floats, for a training curve: loss, policy, kl and gain."""
-        return {"loss": float(self.loss.detach()), "policy": float(self.policy.detach()),
-                "kl": float(self.kl.detach()), "gain": float(self.gain.detach())}
-
 
 class Points:
     """Base of the batches of points the head learns from: tensors whose first dimension is the point, and
-    `rollout`, each point's index in `Features.keys` (training samples rollouts and holds problems out by it)."""
+    `rollout`, each point's index in `Features.keys` (training samples rollouts and holds problems out by it).
+    Fields that are not tensors (how the points are scored) carry over to selections unchanged."""
 
     rollout: torch.Tensor
 
     def select(self, mask: torch.Tensor) -> Points:
-        return type(self)(**{name: value[mask] for name, value in vars(self).items()})
+        return self._map(lambda value: value[mask])
 
     def to(self, device: torch.device) -> Points:
-        return type(self)(**{name: value.to(device) for name, value in vars(self).items()})
+        return self._map(lambda value: value.to(device))
+
+    def _map(self, apply) -> Points:
+        return type(self)(**{name: apply(value) if isinstance(value, torch.Tensor) else value
+                             for name, value in vars(self).items()})
 
     def __len__(self) -> int:
         return self.rollout.shape[0]
 
-    def loss(self, head: CorrectionHead, embedding: torch.Tensor, kl_weight: float, objective: str) -> Objective:
-        """The [`Objective`] of `head` on these points: the loss to minimise and its parts, point by point."""
+    def loss(self, head: CorrectionHead, embedding: torch.Tensor, kl_weight: float) -> Losses:
+        """The [`Losses`] of `head` on these points: the loss to minimise and its parts, point by point."""
         raise NotImplementedError
 
 
@@ -108,6 +109,7 @@ class DecisionBatch(Points):
         target (`torch.LongTensor` of shape `(M,)`): the slot of y_t.
         advantage (`torch.FloatTensor` of shape `(M,)`): the advantage of each point's rollout.
         rollout (`torch.LongTensor` of shape `(M,)`): index of each point's rollout in `Features.keys`.
+        objective (`str`, defaults to `"unlikelihood"`): how the points are scored (module docstring).
     """
 
     hidden: torch.Tensor
@@ -117,9 +119,10 @@ class DecisionBatch(Points):
     target: torch.Tensor
     advantage: torch.Tensor
     rollout: torch.Tensor
+    objective: ObjectiveName = "unlikelihood"
 
-    def loss(self, head: CorrectionHead, embedding: torch.Tensor, kl_weight: float, objective: str) -> Objective:
-        return contrastive_loss(head, self, embedding, kl_weight, objective)
+    def loss(self, head: CorrectionHead, embedding: torch.Tensor, kl_weight: float) -> Losses:
+        return contrastive_loss(head, self, embedding, kl_weight)
 
 
 @dataclass
@@ -139,13 +142,14 @@ class BranchBatch(Points):
     success: torch.Tensor
     rollout: torch.Tensor
 
-    def loss(self, head: CorrectionHead, embedding: torch.Tensor, kl_weight: float, objective: str) -> Objective:
+    def loss(self, head: CorrectionHead, embedding: torch.Tensor, kl_weight: float) -> Losses:
         return branch_loss(head, self, embedding, kl_weight)
 
 
-def decision_batch(features: Features, advantages: dict[RolloutKey, float], tau: float, top_k: int) -> DecisionBatch:
+def decision_batch(features: Features, advantages: dict[RolloutKey, float], tau: float, top_k: int,
+                   objective: ObjectiveName = "unlikelihood") -> DecisionBatch:
     """The points of `features` whose entropy exceeds `tau` and whose rollout has an advantage (is in the pool),
-    with their candidate sets and advantages."""
+    with their candidate sets and advantages, scored by `objective`."""
     if top_k > features.point_topk_ids.shape[1]:
         raise ValueError(
             f"top_k = {top_k} exceeds the {features.point_topk_ids.shape[1]} candidates stored by scoring")
@@ -167,29 +171,27 @@ def decision_batch(features: Features, advantages: dict[RolloutKey, float], tau:
         target=torch.where(inside, match.float().argmax(dim=-1), torch.full_like(token, top_k)),
         advantage=per_rollout[rollout],
         rollout=rollout,
+        objective=objective,
     )
 
 
 
-def contrastive_loss(
-    head: CorrectionHead, batch: DecisionBatch, embedding: torch.Tensor, kl_weight: float,
-    objective: str = "unlikelihood",
-) -> Objective:
-    """The advantage-weighted contrastive loss (module docstring; `objective` is "unlikelihood" or "recipe") and its
-    parts, with each point's gain `A (q(y) / p(y) - 1)`, an offline estimate of the head's improvement (higher is
-    better)."""
+def contrastive_loss(head: CorrectionHead, batch: DecisionBatch, embedding: torch.Tensor, kl_weight: float) -> Losses:
+    """The advantage-weighted contrastive loss (module docstring; `batch.objective` is "unlikelihood" or "recipe")
+    and its parts, with each point's gain `A (q(y) / p(y) - 1)`, an offline estimate of the head's improvement
+    (higher is better)."""
     delta = head(batch.hidden, embedding[batch.ids], batch.steerable)
     log_q = torch.log_softmax(batch.base + delta, dim=-1)
     log_p = torch.log_softmax(batch.base, dim=-1)
     chosen_q = log_q.gather(-1, batch.target.unsqueeze(-1)).squeeze(-1)
     chosen_p = log_p.gather(-1, batch.target.unsqueeze(-1)).squeeze(-1)
-    if objective == "recipe":
+    if batch.objective == "recipe":
         policy = -batch.advantage * chosen_q
     else:  # pushing a worse-than-average choice down stops at zero probability instead of at log 0 = -inf
         not_chosen = torch.log(-torch.expm1(chosen_q.clamp(max=-1e-6)))
         policy = torch.where(batch.advantage >= 0, -batch.advantage * chosen_q, batch.advantage * not_chosen)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-    return Objective(policy, kl, batch.advantage * torch.expm1(chosen_q - chosen_p), kl_weight)
+    return Losses(policy, kl, batch.advantage * torch.expm1(chosen_q - chosen_p), kl_weight)
 
 
 def branch_batch(features: Features, labels: dict[tuple[str, int, int], list[float]], tau: float,
@@ -213,7 +215,7 @@ def branch_batch(features: Features, labels: dict[tuple[str, int, int], list[flo
     )
 
 
-def branch_loss(head: CorrectionHead, batch: BranchBatch, embedding: torch.Tensor, kl_weight: float) -> Objective:
+def branch_loss(head: CorrectionHead, batch: BranchBatch, embedding: torch.Tensor, kl_weight: float) -> Losses:
     """The branch-labelled objective: raise the expected success of the steered choice among the top-k,
 
         mean_t [ -sum_j q_j (s_j - mean_j s_j) ] + kl_weight * mean_t KL(p || q),
@@ -226,4 +228,4 @@ def branch_loss(head: CorrectionHead, batch: BranchBatch, embedding: torch.Tenso
     q, p = log_q.exp(), log_p.exp()
     policy = -(q * (batch.success - batch.success.mean(dim=-1, keepdim=True))).sum(dim=-1)
     kl = (p * (log_p - log_q)).sum(dim=-1)
-    return Objective(policy, kl, ((q - p) * batch.success).sum(dim=-1), kl_weight)
+    return Losses(policy, kl, ((q - p) * batch.success).sum(dim=-1), kl_weight)

@@ -19,8 +19,7 @@ import torch
 
 from steer.errors import SteerError
 from steer.pipeline.folders.rollouts import RolloutKey
-from steer.pipeline.folders.scores import Features
-from steer.settings import TAU_FLOOR
+from steer.settings import TAU_FLOOR, GateSettings
 
 
 class NoContrastError(SteerError, ValueError):
@@ -114,16 +113,24 @@ def quantile_tau(entropy: np.ndarray, quantile: float) -> float:
     return max(float(np.quantile(entropy, quantile)), TAU_FLOOR)
 
 
-def resolve_tau(features: Features, tau: float | None, quantile: float | None) -> float:
-    """The entropy threshold: `tau` as given, or [`quantile_tau`] over all generated positions of the rollouts. It
-    must lie above the scores' storage floor."""
-    if (tau is None) == (quantile is None):
-        raise ValueError("give exactly one of tau (nats) and tau_quantile (a fraction of positions)")
-    if quantile is not None:
-        tau = quantile_tau(torch.cat(features.entropy).numpy(), quantile)
-    if tau < features.floor:
+def resolve_tau(gate: GateSettings, entropy: torch.Tensor, floor: float = 0.0) -> float:
+    """The gate's threshold in nats: its `tau` as given, or [`quantile_tau`] of `entropy` (the base entropy of the
+    generated positions it will gate). It must lie above `floor`, the entropy below which scoring stored no
+    features.
+
+    Example:
+
+    ```python
+    >>> resolve_tau(GateSettings(tau_quantile=0.5), torch.tensor([0.1, 0.6, 0.9, 2.0]))
+    0.75
+    ```
+    """
+    if gate.quantile is None and gate.tau is None:
+        raise ValueError("give tau (nats) or tau_quantile (a fraction of positions)")
+    tau = gate.tau if gate.tau is not None else quantile_tau(entropy.numpy(), gate.quantile)
+    if tau < floor:
         raise ValueError(
-            f"tau = {tau:.3f} nats lies below the storage floor {features.floor} of the scores: positions between "
+            f"tau = {tau:.3f} nats lies below the storage floor {floor} of the scores: positions between "
             "them were not stored; score again with a lower --floor"
         )
     return tau

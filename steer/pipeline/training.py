@@ -60,6 +60,35 @@ class PoolRecord:
 
 
 @dataclass(frozen=True)
+class CurvePoint:
+    """One training step: the learning rate, and the batch's loss, its parts and gain (see [`Losses`])."""
+
+    step: int
+    lr: float
+    loss: float
+    policy: float
+    kl: float
+    gain: float
+
+
+@dataclass(frozen=True)
+class HeldoutEvaluation:
+    """The head on the held-out points at one step: loss and parts (means over points), and the gain over held-out
+    problems with its standard error (see [`HeldoutGain`])."""
+
+    step: int
+    loss: float
+    policy: float
+    kl: float
+    gain: float
+    gain_se: float
+
+    @property
+    def held_out_gain(self) -> HeldoutGain:
+        return HeldoutGain(self.gain, self.gain_se)
+
+
+@dataclass(frozen=True)
 class TrainingRecord:
     """How a head was made, saved beside it as `training.json`.
 
@@ -67,7 +96,8 @@ class TrainingRecord:
         steer (`str`): the library's version. model (`str`): the base model. data (`dict[str, str]`): the rollouts
             folder and content hashes of its rollouts and scores index.
         settings ([`TrainSettings`]). tau (`float`): the resolved decision threshold (nats). pool ([`PoolRecord`]).
-        curve (`list[dict]`): per step: lr, loss, policy, kl, gain. heldout (`list[dict]`): the held-out evaluations.
+        curve (`list[CurvePoint]`): per training step. heldout (`list[HeldoutEvaluation]`): the held-out evaluations
+            (step 0 is the untrained head).
         selected_step (`int`), scale (`float`): the checkpoint (0: the untrained head) and strength kept.
         scale_gains (`dict[str, float]`), scale_gain_errors (`dict[str, float]`): the held-out gain of each strength
             tried at the kept checkpoint, and its standard error over held-out problems.
@@ -82,8 +112,8 @@ class TrainingRecord:
     settings: TrainSettings
     tau: float
     pool: PoolRecord
-    curve: list[dict]
-    heldout: list[dict]
+    curve: list[CurvePoint]
+    heldout: list[HeldoutEvaluation]
     selected_step: int
     scale: float
     scale_gains: dict[str, float]
@@ -144,12 +174,11 @@ def train_head(
     embedding = output_embedding(model).detach()
     if not fingerprints_match(features.embedding_fingerprint, embedding_fingerprint(embedding)):
         raise HeadMismatchError(f"{folder.path} was scored with another model than {model.name_or_path}")
-    quantile = settings.tau_quantile if settings.tau is None else None
-    tau = resolve_tau(features, settings.tau, quantile)
+    tau = resolve_tau(settings, torch.cat(features.entropy), features.floor)
     if settings.labels == "branches":
         points = branch_batch(features, LabelFolder.of(folder.path).success(), tau, settings.top_k)
     else:
-        points = decision_batch(features, pool.advantages, tau, settings.top_k)
+        points = decision_batch(features, pool.advantages, tau, settings.top_k, settings.objective)
     points = points.to(embedding.device)
     heldout_problems = _heldout_problems(pool, settings)
     in_heldout = torch.tensor([key[0] in heldout_problems for key in features.keys], device=embedding.device)
@@ -162,7 +191,7 @@ def train_head(
         raise ValueError(f"no decision point {source}above tau = {tau:.3f} nats in the training rollouts; lower tau")
 
     head = CorrectionHead.for_model(model, rank=settings.rank, top_k=settings.top_k, tau=tau, seed=settings.seed)
-    head.config.tau_quantile = quantile
+    head.config.tau_quantile = settings.quantile
     fit = fit_head(head, train, heldout, embedding, settings, progress, heldout_groups)
     scale_gains = choose_scale(head, heldout, embedding, settings, heldout_groups)
     record = TrainingRecord(
@@ -274,8 +303,8 @@ class Fit:
     """How [`fit_head`] went: the training `curve` (one entry per step), the held-out `evaluations` (step 0 is the
     untrained head) with the head's weights at each (`states`), and the step whose weights the head now holds."""
 
-    curve: list[dict]
-    evaluations: list[dict]
+    curve: list[CurvePoint]
+    evaluations: list[HeldoutEvaluation]
     selected_step: int
     states: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
@@ -307,11 +336,12 @@ def fit_head(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: _schedule(step, settings))
     generator = torch.Generator().manual_seed(settings.seed)
     rollouts = train.rollout.unique()
-    curve, evaluations, states = [], [], []
+    curve: list[CurvePoint] = []
+    evaluations: list[HeldoutEvaluation] = []
+    states: list[dict[str, torch.Tensor]] = []
 
     def checkpoint(step: int) -> None:
-        evaluation = _evaluate(head, heldout, embedding, settings, heldout_groups)
-        evaluations.append({"step": step, **evaluation})
+        evaluations.append(_evaluate(head, heldout, embedding, settings, heldout_groups, step))
         states.append(copy.deepcopy(head.state_dict()))
 
     if len(heldout):
@@ -319,21 +349,22 @@ def fit_head(
     for step in tqdm(range(1, settings.steps + 1), disable=not progress, desc="training", unit="step"):
         chosen = rollouts[torch.randperm(len(rollouts), generator=generator)[: settings.rollouts_per_step]]
         batch = train.select(torch.isin(train.rollout, chosen.to(train.rollout.device)))
-        objective = batch.loss(head, embedding, settings.kl_weight, settings.objective)
+        losses = batch.loss(head, embedding, settings.kl_weight)
         optimiser.zero_grad()
-        objective.loss.backward()
+        losses.loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), settings.grad_clip)
         optimiser.step()
         scheduler.step()
-        curve.append({"step": step, "lr": scheduler.get_last_lr()[0], **objective.values()})
+        curve.append(CurvePoint(step, scheduler.get_last_lr()[0], float(losses.loss.detach()),
+                                float(losses.policy.detach()), float(losses.kl.detach()), float(losses.gain.detach())))
         if len(heldout) and (step % settings.eval_every == 0 or step == settings.steps):
             checkpoint(step)
     head.eval()
     if not len(heldout):
         return Fit(curve, evaluations, settings.steps)
-    chosen = select_within_one_se([HeldoutGain(e["gain"], e["gain_se"]) for e in evaluations])
+    chosen = select_within_one_se([e.held_out_gain for e in evaluations])
     head.load_state_dict(states[chosen])
-    return Fit(curve, evaluations, evaluations[chosen]["step"], states)
+    return Fit(curve, evaluations, evaluations[chosen].step, states)
 
 
 def choose_scale(
@@ -349,20 +380,19 @@ def choose_scale(
     gains = {}
     for scale in sorted(settings.scales):
         head.scale = scale
-        evaluation = _evaluate(head, heldout, embedding, settings, heldout_groups)
-        gains[scale] = HeldoutGain(evaluation["gain"], evaluation["gain_se"])
+        gains[scale] = _evaluate(head, heldout, embedding, settings, heldout_groups).held_out_gain
     head.scale = list(gains)[select_within_one_se(list(gains.values()))]
     return gains
 
 
 @torch.no_grad()
 def _evaluate(head: CorrectionHead, heldout: Points, embedding: torch.Tensor, settings: TrainSettings,
-              groups: torch.Tensor | None) -> dict[str, float]:
-    """The held-out loss and its parts (means over points), and the gain as a [`HeldoutGain`] over problems:
-    `gain` and `gain_se`."""
-    objective = heldout.loss(head, embedding, settings.kl_weight, settings.objective)
-    gain = problem_gain(objective.point_gain, groups)
-    return {**objective.values(), "gain": gain.mean, "gain_se": gain.standard_error}
+              groups: torch.Tensor | None, step: int = 0) -> HeldoutEvaluation:
+    """The head on the held-out points (see [`HeldoutEvaluation`])."""
+    losses = heldout.loss(head, embedding, settings.kl_weight)
+    gain = problem_gain(losses.point_gain, groups)
+    return HeldoutEvaluation(step, float(losses.loss), float(losses.policy), float(losses.kl), gain.mean,
+                             gain.standard_error)
 
 
 def problem_gain(point_gain: torch.Tensor, groups: torch.Tensor | None) -> HeldoutGain:

@@ -53,4 +53,4 @@ def test_a_head_trained_on_branch_labels_takes_the_better_branch(labelled, plant
     steered = steer.generate(planted_choice, result.head, **prompt, do_sample=False, max_new_tokens=12)
     decode = lambda ids: tokenizer.decode(ids[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)  # noqa: E731
     assert (decode(plain), decode(steered)) == ("123456", "123457")
-    assert torch.isfinite(torch.tensor([step["loss"] for step in result.record.curve])).all()
+    assert torch.isfinite(torch.tensor([step.loss for step in result.record.curve])).all()

@@ -9,7 +9,7 @@ import torch
 
 from steer import CorrectionHead, HeadConfig
 from steer.pipeline.folders.scores import Features
-from steer.pipeline.objective import MASKED, DecisionBatch, contrastive_loss, decision_batch
+from steer.pipeline.objective import MASKED, DecisionBatch, Losses, contrastive_loss, decision_batch
 from steer.pipeline.pool import NoContrastError, select_pool
 from steer.pipeline.training import (
     HELDOUT_PROBLEMS_WARNING,
@@ -141,33 +141,33 @@ def test_learning_rate_schedule_warms_up_then_decays_to_zero():
     assert _schedule(10, settings) == 0.0
 
 
-def loss_parts(shift: float, advantage: float, objective: str = "unlikelihood") -> dict[str, float]:
+def loss_parts(shift: float, advantage: float, objective: str = "unlikelihood") -> Losses:
     """The loss at one decision point with two equally likely top-k candidates, of which the rollout took the first,
     when the head adds `shift` to the first and `-shift` to the second."""
     batch = DecisionBatch(
         hidden=torch.zeros(1, HIDDEN), ids=torch.tensor([[0, 1, 0]]), base=torch.tensor([[-0.7, -0.7, MASKED]]),
         steerable=torch.tensor([[True, True, False]]), target=torch.tensor([0]), advantage=torch.tensor([advantage]),
-        rollout=torch.tensor([0]),
+        rollout=torch.tensor([0]), objective=objective,
     )
 
     def head(hidden: torch.Tensor, embedding: torch.Tensor, steerable: torch.Tensor) -> torch.Tensor:
         return torch.tensor([[shift, -shift, 0.0]])  # centred over the two steerable candidates
 
-    return contrastive_loss(head, batch, torch.zeros(VOCAB, HIDDEN), 0.0, objective).values()
+    return contrastive_loss(head, batch, torch.zeros(VOCAB, HIDDEN), 0.0)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("advantage", [1.0, -1.0])
 def test_losses_push_choices_the_way_their_advantage_says(objective, advantage):
     """A positive advantage lowers the loss as the chosen candidate gains; a negative one as it loses."""
-    losses = [loss_parts(advantage * shift, advantage, objective)["loss"] for shift in (1.0, 0.0, -1.0)]
+    losses = [float(loss_parts(advantage * shift, advantage, objective).loss) for shift in (1.0, 0.0, -1.0)]
     assert losses[0] < losses[1] < losses[2]
 
 
 def test_unlikelihood_push_down_is_bounded_where_the_recipe_is_not():
     """Pushing a worse-than-average choice to probability 0 costs the recipe's loss -inf (it never stops), the
     unlikelihood loss approaches its floor of 0 (it stops)."""
-    recipe, unlikelihood = ([loss_parts(-shift, -1.0, objective)["loss"] for shift in (5.0, 20.0, 80.0)]
+    recipe, unlikelihood = ([float(loss_parts(-shift, -1.0, objective).loss) for shift in (5.0, 20.0, 80.0)]
                             for objective in ("recipe", "unlikelihood"))
     assert recipe[0] > recipe[1] > recipe[2] and recipe[2] < -100  # keeps falling, linearly in the shift
     assert all(0 <= value < 1e-3 for value in unlikelihood) and unlikelihood[0] > unlikelihood[2]
@@ -175,7 +175,7 @@ def test_unlikelihood_push_down_is_bounded_where_the_recipe_is_not():
 
 def test_gain_is_bounded_and_signed():
     """The held-out gain A (q/p - 1) is positive when the head favours a rewarded choice, at most A (1/p - 1)."""
-    gains = [loss_parts(shift, 1.0)["gain"] for shift in (-3.0, 0.0, 3.0, 50.0)]  # one point: its gain
+    gains = [float(loss_parts(shift, 1.0).gain) for shift in (-3.0, 0.0, 3.0, 50.0)]  # one point: its gain
     assert gains[0] < 0 == gains[1] < gains[2] < gains[3] <= 1.0 + 1e-6
 
 
@@ -240,13 +240,13 @@ def test_training_keeps_the_earliest_checkpoint_within_one_standard_error_of_the
         fit = fit_head(head, points.select(~heldout), points.select(heldout), world.embedding, settings,
                        heldout_groups=problem[heldout])
         first = fit.evaluations[0]
-        assert first["step"] == 0 and first["gain"] == 0.0 and first["gain_se"] == 0.0
-        best = max(fit.evaluations, key=lambda e: e["gain"])
-        chosen = next(e for e in fit.evaluations if e["gain"] >= best["gain"] - best["gain_se"])
-        assert fit.selected_step == chosen["step"]
+        assert first.step == 0 and first.gain == 0.0 and first.gain_se == 0.0
+        best = max(fit.evaluations, key=lambda e: e.gain)
+        chosen = next(e for e in fit.evaluations if e.gain >= best.gain - best.gain_se)
+        assert fit.selected_step == chosen.step
         with torch.no_grad():
-            now = points.select(heldout).loss(head, world.embedding, settings.kl_weight, settings.objective)
-        assert problem_gain(now.point_gain, problem[heldout]).mean == pytest.approx(chosen["gain"], abs=1e-6)
+            now = points.select(heldout).loss(head, world.embedding, settings.kl_weight)
+        assert problem_gain(now.point_gain, problem[heldout]).mean == pytest.approx(chosen.gain, abs=1e-6)
         if not shuffle:
             assert fit.selected_step > 0 and not untrained_warnings(fit.selected_step, 1)
     assert untrained_warnings(0, 1) and not untrained_warnings(0, 0)
