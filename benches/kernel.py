@@ -20,7 +20,7 @@ import torch
 
 from steer.cli.main import main as steer_main
 from steer.files import atomic_write_json
-from steer.kernels.benchmark import device_name, generate_overhead
+from steer.kernel_benchmark import device_name, generate_overhead
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -56,7 +56,7 @@ def kernels(batch, vocab, dtype, ks, rivals, runs, out, compile_only, archs, wor
         return
     import torch
 
-    from steer.kernels import benchmark
+    from steer import kernel_benchmark as benchmark
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     defaults = GPU_GRID if device.type == "cuda" else CPU_GRID

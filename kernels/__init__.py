@@ -4,8 +4,11 @@
 - :mod:`steer.kernels.fused_steer`: entropy, top-k and the steering adjustment in one launch and one read of the
   logits, with its launcher and the list of every variant it can launch;
 - :mod:`steer.kernels.roofline`: a read-only kernel, the bandwidth floor for benchmarks;
-- :mod:`steer.kernels.compile_check`: ahead-of-time compilation of every variant for GPU targets, without a GPU;
-- :mod:`steer.kernels.benchmark`: the step's cost against PyTorch rivals and the floor (`steer bench kernels`).
+- :mod:`steer.kernels.compile_check`: ahead-of-time compilation of every variant for GPU targets, without a GPU.
+
+The package holds kernels, their launchers and limits, as Liger-Kernel's `ops/` does; what measures them lives
+beside the other benchmarks: :mod:`steer.kernel_benchmark` (the step's cost against PyTorch rivals and the floor,
+`steer bench kernels` and `benches/kernel.py`), and tests in `tests/test_kernels.py`.
 
 Importing a kernel module needs Triton; `steer.functional` imports it only when the Triton path is taken, so that
 `TRITON_INTERPRET=1` can still be set before that first call.

@@ -20,9 +20,10 @@ import triton.language as tl
 from click.testing import CliRunner
 
 import steer
+from steer import kernel_benchmark as benchmark
 from steer.cli.main import main
 from steer.functional import KERNEL_ENV, kernel_path
-from steer.kernels import benchmark, fused_steer
+from steer.kernels import fused_steer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

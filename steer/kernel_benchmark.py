@@ -1,7 +1,8 @@
 """What a decoding step costs: the fused kernel against PyTorch rivals and the memory-bandwidth floor.
 
-Used by `steer bench kernels` and `benches/kernel.py`. Per configuration (batch B, vocabulary V, dtype, k), every row
-gated (tau = 0, the step's worst case), each rival runs the way a decoding loop pays for it:
+Used by `steer bench kernels` and `benches/kernel.py`; it lives outside the kernel package (`steer.kernels`), which
+holds kernels, launchers and limits only. Per configuration (batch B, vocabulary V, dtype, k), every row gated
+(tau = 0, the step's worst case), each rival runs the way a decoding loop pays for it:
 
 - `fused`: `steer.steer_logits(..., inplace=True)` through the dispatcher (on CUDA), one launch;
 - `eager`: the PyTorch chain (log-softmax, entropy, top-k, gather, dot products, scatter), without host syncs;
