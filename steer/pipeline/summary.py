@@ -9,13 +9,32 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from steer.pipeline.metrics import bootstrap_interval, mcnemar, paired_permutation, pass_at_k, wilson_interval
 from steer.pipeline.progress import Throughput
 
-if TYPE_CHECKING:  # the evaluation folder's record; that folder writes this summary beside its records
-    from steer.pipeline.folders.predictions import PredictionRecord
+
+class Prediction(Protocol):
+    """What a summary reads of a graded decode: the evaluation folder's `PredictionRecord` has it (that folder
+    writes this summary beside its records, so the summary names the fields it reads instead of importing it)."""
+
+    @property
+    def benchmark(self) -> str: ...
+    @property
+    def problem_id(self) -> str: ...
+    @property
+    def arm(self) -> str: ...
+    @property
+    def correct(self) -> bool: ...
+    @property
+    def finish_reason(self) -> str: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def gated(self) -> int: ...
+    @property
+    def changed(self) -> int: ...
 
 PASS_AT = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -119,8 +138,8 @@ def _paired_by_arm(paired: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return paired or {}
 
 
-def summarize(predictions: Sequence[PredictionRecord], samples: int) -> EvalSummary:
-    """The summary of a set of prediction records ([`PredictionRecord`]).
+def summarize(predictions: Sequence[Prediction], samples: int) -> EvalSummary:
+    """The summary of a set of graded decodes (an evaluation folder's `PredictionRecord`s).
 
     Example:
 
@@ -131,7 +150,7 @@ def summarize(predictions: Sequence[PredictionRecord], samples: int) -> EvalSumm
     0.75
     ```
     """
-    grouped: dict[str, dict[str, dict[str, list[PredictionRecord]]]] = defaultdict(
+    grouped: dict[str, dict[str, dict[str, list[Prediction]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list)))
     for record in predictions:
         grouped[record.benchmark][record.arm][record.problem_id].append(record)
@@ -144,7 +163,7 @@ def summarize(predictions: Sequence[PredictionRecord], samples: int) -> EvalSumm
     return EvalSummary(samples=samples, benchmarks=benchmarks)
 
 
-def _arm_summary(by_problem: Mapping[str, list[PredictionRecord]], samples: int) -> ArmSummary:
+def _arm_summary(by_problem: Mapping[str, list[Prediction]], samples: int) -> ArmSummary:
     correct = {pid: sum(bool(r.correct) for r in records) for pid, records in by_problem.items()}
     counts = {pid: len(records) for pid, records in by_problem.items()}
     scores = [correct[pid] / counts[pid] for pid in by_problem]
@@ -168,7 +187,7 @@ def _arm_summary(by_problem: Mapping[str, list[PredictionRecord]], samples: int)
     )
 
 
-def _paired(base: Mapping[str, list[PredictionRecord]], other: Mapping[str, list[PredictionRecord]],
+def _paired(base: Mapping[str, list[Prediction]], other: Mapping[str, list[Prediction]],
             samples: int) -> PairedTest:
     shared = sorted(base.keys() & other.keys())
     if samples == 1:
