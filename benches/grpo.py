@@ -1,30 +1,58 @@
 """GRPO with TRL's `GRPOTrainer`, stopped by validation accuracy and resumable: the RL baseline of the paper tables.
 
-Shared by `benches/grpo_world.py` (the built-in world) and `benches/grpo_real.py` (SmolLM2 on arithmetic and word
-problems). [`train_grpo`] trains a model on problems (reward 1 when the boxed answer grades as right), measures the
-accuracy on validation problems every `eval_every` steps (temperature 0.6, as the evaluations decode), stops after
-`patience` checks without improvement, and keeps the best weights.
+    pip install -e ".[rl]"
+    python benches/grpo.py --family world                    # the built-in world: minutes on 2 CPU cores
+    python benches/grpo.py --family arithmetic               # SmolLM2-135M-Instruct: hours, resumable (rerun)
+    python benches/grpo.py --family word_problems --max-new-tokens 256 --micro-batch 8
 
-Everything lives in one run folder, so a run killed at any point resumes where its last checkpoint left it:
+[`train_grpo`] trains a model on problems (reward 1 when the boxed answer grades as right), measures the accuracy on
+validation problems every `eval_every` steps (temperature 0.6, as the evaluations decode), stops after `patience`
+checks without improvement, and keeps the best weights.
+
+Everything lives in one run folder (`benches/runs/grpo-<family>`), so a run killed at any point resumes where its
+last checkpoint left it:
 
 - `checkpoint-<step>/`: TRL's checkpoint (weights, optimizer, scheduler, random state), written after each
   validation, with `grpo_progress.json` (the validation curve so far and the best step);
 - `best/`: the best model so far and its tokenizer, replaced atomically when a validation improves on it;
 - `result.json`: written when training ends (stopped, or out of steps).
 
-Compute is counted as `benches/grpo_world.py` always has: training wall time (validation excluded; summed over the
-sittings of a resumed run) and an estimate of FLOPs, 8N per prompt or completion token TRL counts (2N generation, 6N
-training forward and backward; with `beta = 0` there is no reference model). Process CPU seconds are recorded
-beside wall time, and so is the median of TRL's per-step times times the steps, a figure that other work on the
-machine during a few steps (or a paused process) does not inflate.
+Compute: training wall time (validation excluded; summed over the sittings of a resumed run) and an estimate of
+FLOPs, 8N per prompt or completion token TRL counts (2N generation, 6N training forward and backward; with
+`beta = 0` there is no reference model). Process CPU seconds are recorded beside wall time, and so is the median of
+TRL's per-step times times the steps, a figure that other work on the machine during a few steps (or a paused
+process) does not inflate.
+
+The families ([`FAMILY_DEFAULTS`]):
+
+- `world`: the world's base model on training-split problems of the built-in world, validated on other
+  training-split problems; the best model is copied to `benches/models/world-grpo`, the result is
+  `benches/results/grpo-world.json`.
+- `arithmetic`, `word_problems` (`benches/families.py`): a family's file gives the validation problems that stop
+  training (the ones after the first `--train`, the heads' rollout problems; its last `--test` are never used here),
+  and GRPO trains on `--train-problems` problems drawn by the family's generator with another seed, none of them a
+  question of the file. The result is `benches/results/grpo-<model>-<family>.json`. Choices, for a run that fits a
+  few hours on 2 CPU cores (float32; TRL 1.16 measured 180 s a step at 8 prompts x 8 completions x 64 tokens): full
+  fine-tuning (a 135M model trains in float32 without trouble, and LoRA would not cut the cost, which is
+  generation); 4 prompts x 8 completions a step (groups of 8, as the paper's RL baselines, and half the world's
+  prompts to halve a step's time: 68 s a step measured); completions of up to 96 tokens for arithmetic, the
+  evaluations' budget (for word problems, where SmolLM2's greedy completions have a median of 158 tokens and 12%
+  fit in 96, `--max-new-tokens 256 --micro-batch 8`, the micro-batch because a 256-token step in one pass ran out
+  of 24 GB, and the same budget to `paper_table_real.py`); temperature 0.7 (at TRL's 1.0 a pilot on arithmetic
+  rewarded 3% and 0% of its completions, and 75-100% of its groups had no reward variance, so no gradient);
+  learning rate 5e-6 (constant; 1e-6 is TRL's default for full fine-tuning over thousands of steps, and this run
+  has at most 150); validation at temperature 0.6 on 100 problems x 2 samples every 10 steps, stopping after 3
+  validations without improvement.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,14 +60,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
+from families import FAMILIES
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainerState
 from trl import GRPOConfig, GRPOTrainer
 
+from steer import world
 from steer.files import atomic_write_json
+from steer.models import load_model
 from steer.pipeline.decoding import DecodingSettings, decode_batch, derive_seed
 from steer.pipeline.grading import grade
-from steer.pipeline.problems import Problem
-from steer.pipeline.prompts import build_prompt, encode_prompt
+from steer.pipeline.problems import Problem, load_problems
+from steer.pipeline.prompts import DEFAULT_INSTRUCTION, build_prompt, encode_prompt
 
 FLOPS_PER_TOKEN_AND_PARAMETER = 8  # generation (2) + training forward and backward (6)
 PROGRESS_FILE = "grpo_progress.json"
@@ -270,3 +301,81 @@ def train_grpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train
     }
     atomic_write_json(run / RESULT_FILE, result)
     return result
+
+
+ROOT = Path(__file__).resolve().parent
+# Each family's defaults; an option given on the command line wins.
+FAMILY_DEFAULTS = {
+    "world": dict(model=None, train=0, validation_problems=200, test=0, train_problems=2000, prompts_per_step=8,
+                  generations=8, max_new_tokens=80, lr=3e-4, temperature=1.0, max_steps=1000, eval_every=25,
+                  patience=4, validation_samples=2, batch_size=128),
+    **{family: dict(model=str(ROOT / "models" / "SmolLM2-135M-Instruct"), train=100, validation_problems=100,
+                    test=200, train_problems=1000, prompts_per_step=4, generations=8, max_new_tokens=96, lr=5e-6,
+                    temperature=0.7, max_steps=150, eval_every=10, patience=3, validation_samples=2, batch_size=None)
+       for family in FAMILIES},
+}
+
+
+def family_problems(family: str, options: dict, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """GRPO's training and validation problems for `family` (see the module docstring)."""
+    if family == "world":
+        drawn = [Problem(p.id, p.question, str(p.answer), "world")
+                 for p in world.problems("train", options["train_problems"] + options["validation_problems"], seed)]
+        return drawn[: options["train_problems"]], drawn[options["train_problems"]:]
+    held = load_problems(ROOT / "data" / f"{family}.jsonl")
+    first, count = options["train"], options["validation_problems"]
+    validation = held[first: first + count]
+    if len(validation) + first > len(held) - options["test"]:
+        raise SystemExit(f"{family}.jsonl has {len(held)} problems: too few for {first} rollout, {count} validation "
+                         f"and {options['test']} test problems")
+    return FAMILIES[family].training(options["train_problems"], held), validation
+
+
+def family_settings(family: str, options: dict, micro_batch: int | None, seed: int) -> GRPOSettings:
+    """The run's settings: the family's instruction and the resolved options."""
+    names = ("max_new_tokens", "prompts_per_step", "generations", "temperature", "lr", "max_steps", "eval_every",
+             "patience", "validation_samples")
+    batch_size = options["batch_size"] or options["validation_problems"]
+    return GRPOSettings(instruction=world.INSTRUCTION if family == "world" else DEFAULT_INSTRUCTION,
+                        **{name: options[name] for name in names}, micro_batch=micro_batch, batch_size=batch_size,
+                        seed=seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(FAMILY_DEFAULTS), required=True)
+    parser.add_argument("--model", help="default: the world's model, or SmolLM2-135M-Instruct for the other families")
+    for name, kind in (("train", int), ("validation_problems", int), ("test", int), ("train_problems", int),
+                       ("prompts_per_step", int), ("generations", int), ("max_new_tokens", int), ("lr", float),
+                       ("temperature", float), ("max_steps", int), ("eval_every", int), ("patience", int),
+                       ("validation_samples", int)):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help="default: the family's (FAMILY_DEFAULTS)")
+    parser.add_argument("--micro-batch", type=int, help="Completions per forward/backward pass (default: a whole "
+                        "step; 8 keeps a 256-token step within 24 GB).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run", type=Path, help="Run folder (default: benches/runs/grpo-<family>).")
+    args = parser.parse_args()
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    options = {**FAMILY_DEFAULTS[args.family], **given}
+    train, validation = family_problems(args.family, options, args.seed)
+    model, tokenizer = load_model(options["model"] or world.model_path(), device="cpu")
+    settings = family_settings(args.family, options, args.micro_batch, args.seed)
+    run = args.run or ROOT / "runs" / f"grpo-{args.family}"
+    result = train_grpo(model, tokenizer, train, validation, settings, run)
+    record = {"command": " ".join(["python benches/grpo.py", *sys.argv[1:]]), "arguments": given, **result}
+    if args.family == "world":
+        model_out = ROOT / "models" / "world-grpo"
+        shutil.copytree(run / BEST_DIR, model_out, dirs_exist_ok=True)
+        record.update(model=f"{model_out} (not committed; rerun the command)")
+        record.pop("log")
+        out = ROOT / "results" / "grpo-world.json"
+    else:
+        out = ROOT / "results" / f"grpo-{Path(options['model']).name}-{args.family}.json"
+    atomic_write_json(out, record)
+    best = result["best"]
+    print(f"best validation accuracy {best['accuracy']:.3f} at step {best['step']} "
+          f"(base {result['curve'][0]['accuracy']:.3f}); {best['train_seconds']:.0f} s of training to it -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@
 Writes `benches/results/paper_table.md` and `benches/results/paper_table.json`, with the run's files under
 `benches/runs/paper` (not committed). Steps:
 
-1. the GRPO baseline (`benches/grpo_world.py`), unless its model and result are there;
+1. the GRPO baseline (`benches/grpo.py --family world`), unless its model and result are there;
 2. steer's heads: `steer demo` at the given seed (rollouts, scoring, head training), and the same on 25 problems
    with 8 samples each, their compute counted the way GRPO's is: 2N FLOPs per prompt or completion token of
    rollouts and of scoring, plus an upper bound on head training (6 FLOPs per head parameter, stored decision
@@ -48,7 +48,7 @@ RESULTS = ROOT / "results"
 def grpo_baseline() -> dict:
     """The GRPO result, training it first when its model or result is missing."""
     if not (GRPO_MODEL / "config.json").exists() or not GRPO_RESULT.exists():
-        subprocess.run([sys.executable, str(ROOT / "grpo_world.py")], check=True)
+        subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--family", "world"], check=True)
     return json.loads(GRPO_RESULT.read_text())
 
 

@@ -2,7 +2,7 @@
 and intervention.
 
     pip install -e ".[rl,analysis]"
-    python benches/grpo_real.py --family arithmetic            # first: the GRPO baseline (hours; resumable)
+    python benches/grpo.py --family arithmetic                 # first: the GRPO baseline (hours; resumable)
     python benches/paper_table_real.py --family arithmetic     # then this (resumable); the same for word_problems
 
 A family's file (`benches/data/<family>.jsonl`) is split by position: the first 100 problems for the heads'
@@ -132,7 +132,7 @@ def run_family(table: Table) -> dict:
     train, validation = problems[: table.train], problems[table.train : table.train + table.validation]
     test = problems[-table.test :]
     if not table.grpo_result.exists():
-        raise SystemExit(f"no GRPO baseline at {table.grpo_result}: run `python benches/grpo_real.py --family "
+        raise SystemExit(f"no GRPO baseline at {table.grpo_result}: run `python benches/grpo.py --family "
                          f"{table.family}` first")
     grpo = json.loads(table.grpo_result.read_text())
     if grpo["settings"]["max_new_tokens"] != table.max_new_tokens:
@@ -318,7 +318,7 @@ def main() -> None:
                         help="Completion budget of every decode; GRPO's run should have used the same "
                              "(default: %(default)s).")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Where the tables go (default: %(default)s).")
-    parser.add_argument("--grpo-result", type=Path, help="GRPO's result (default: the one grpo_real.py writes).")
+    parser.add_argument("--grpo-result", type=Path, help="GRPO's result (default: the one grpo.py writes).")
     parser.add_argument("--smoke", action="store_true", help="A few problems and samples, to check the script runs.")
     parser.add_argument("--render", action="store_true",
                         help="Only rebuild the tables and the plot from the families' results already written.")
