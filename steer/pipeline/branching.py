@@ -87,7 +87,7 @@ def continue_branches(model: PreTrainedModel | Decoder, tokenizer: PreTrainedTok
     records, tokens = [], 0
     for branch, completion in zip(batch, completions):
         ids = (branch.prefix + completion.token_ids)[: decoding.budget]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        text = str(tokenizer.decode(ids, skip_special_tokens=True))
         tokens += len(completion.token_ids)
         records.append(record(branch, Outcome(text, ids, grade(text, branch.gold))))
     return Work(records, len(batch), tokens)

@@ -115,7 +115,7 @@ def run_job(job: Job[U, R], workers: Workers = Workers(), progress: bool = True)
         check_settings(folder.settings_path, job.settings)
     store, existing = open_store(path, key_fields, workers)
     covered = job.covered_keys or (lambda record: [folder.key_of(record)])
-    done = {key for data in existing for key in covered(folder.record_type.from_json(data))}
+    done = {key for data in existing for key in covered(folder.parse(data))}
     pending = [unit for unit in job.units if any(key not in done for key in job.unit_keys(unit))]
     mine = workers.share(list(job.batches(pending)))
     bar = ThroughputBar(sum(map(len, mine)) * job.items_per_unit, job.label, job.unit, progress and workers.is_main)
@@ -133,12 +133,13 @@ def run_job(job: Job[U, R], workers: Workers = Workers(), progress: bool = True)
 
 
 def _totals(workers: Workers, bar: ThroughputBar, counts: dict[str, int]) -> JobTotals:
-    parts = workers.gather({"items": bar.items, "tokens": bar.tokens, "seconds": bar.seconds, "counts": counts})
+    mine = JobTotals(tokens=bar.tokens, seconds=bar.seconds, items=bar.items, counts=counts)
+    parts: list[JobTotals] = workers.gather(mine)
     return JobTotals(
-        items=sum(part["items"] for part in parts),
-        tokens=sum(part["tokens"] for part in parts),
-        seconds=max(part["seconds"] for part in parts),
-        counts={name: sum(part["counts"][name] for part in parts) for name in counts},
+        items=sum(part.items for part in parts),
+        tokens=sum(part.tokens for part in parts),
+        seconds=max(part.seconds for part in parts),
+        counts={name: sum(part.counts[name] for part in parts) for name in counts},
     )
 
 

@@ -69,6 +69,9 @@ def plan_labels(features: Features, records: dict[RolloutKey, RolloutRecord], ta
         taken[rollout] += 1
         problem_id, sample = features.keys[rollout]
         record = records[problem_id, sample]
+        if record.gold is None:
+            raise ValueError(f"rollout {problem_id!r} sample {sample} has no gold answer (imported with its reward "
+                             "alone): branch continuations cannot be graded without one")
         position = int(features.point_position[row])
         for rank in range(1, min(settings.top_k, features.point_topk_ids.shape[1]) + 1):
             token = int(features.point_topk_ids[row, rank - 1])

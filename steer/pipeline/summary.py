@@ -176,7 +176,7 @@ def _arm_summary(by_problem: Mapping[str, list[Prediction]], samples: int) -> Ar
         problems=len(by_problem),
         predictions=len(records),
         accuracy=sum(scores) / len(scores),
-        interval_95=tuple(interval),
+        interval_95=(interval[0], interval[1]),
         mean_tokens=steps / len(records),
         truncated=sum(r.finish_reason == "length" for r in records) / len(records),
         gated_fraction=sum(r.gated for r in records) / steps if steps else 0.0,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from steer.pipeline.store import read_jsonl
 
@@ -85,6 +85,10 @@ class RunFolder(Generic[R]):
         """The values of a record's key fields."""
         return tuple(getattr(record, name) for name in self.key)
 
+    def parse(self, data: dict[str, Any]) -> R:
+        """One line of the store as this folder's record."""
+        return cast(R, self.record_type.from_json(data))
+
     def read_records(self) -> list[R]:
         """Every record, in file order.
 
@@ -94,5 +98,4 @@ class RunFolder(Generic[R]):
         """
         if not self.records_path.is_file():
             raise FileNotFoundError(f"{self.records_path} is missing: run `{self.writer}` first")
-        return [self.record_type.from_json(data)
-                for data in read_jsonl(self.records_path, (*self.key, *self.record_type.required()))]
+        return [self.parse(data) for data in read_jsonl(self.records_path, (*self.key, *self.record_type.required()))]

@@ -20,7 +20,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -137,7 +137,7 @@ class ScoreFolder(RunFolder[ShardRecord]):
         for index, key in enumerate(keys):
             entropy = tensors["entropy"][offsets[index] : offsets[index + 1]]
             rollouts.append(ShardRollout(
-                key=tuple(key), num_tokens=entropy.numel(),
+                key=(key[0], key[1]), num_tokens=entropy.numel(),
                 mean_entropy=float(entropy.mean()) if entropy.numel() else 0.0,
                 above_tau=float((entropy > report_tau).float().mean()) if entropy.numel() else 0.0,
                 points=int((tensors["point_rollout"] == index).sum()),
@@ -149,7 +149,7 @@ class ScoreFolder(RunFolder[ShardRecord]):
 
         Raises `FileNotFoundError` if the folder was not scored, and [`StoreError`] naming a rollout that was not.
         """
-        wanted = {tuple(key): position for position, key in enumerate(keys)}
+        wanted: dict[RolloutKey, int] = {(key[0], key[1]): position for position, key in enumerate(keys)}
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         entropy: list[torch.Tensor | None] = [None] * len(wanted)
         for shard in self.read_records():
@@ -173,7 +173,8 @@ class ScoreFolder(RunFolder[ShardRecord]):
             )
         settings = json.loads(self.settings_path.read_text(encoding="utf-8"))
         return Features(
-            keys=list(wanted), entropy=entropy, **{name: torch.cat(tensors) for name, tensors in parts.items()},
+            keys=list(wanted), entropy=cast(list[torch.Tensor], entropy),
+            **{name: torch.cat(tensors) for name, tensors in parts.items()},
             floor=float(settings["floor"]), embedding_fingerprint=self.fingerprint(),
         )
 
