@@ -28,7 +28,7 @@ from steer.files import atomic_write_json
 from steer.head import CorrectionHead
 from steer.pipeline.decoding import Decoder
 from steer.pipeline.folders.labels import LabelFolder
-from steer.pipeline.folders.rollouts import RolloutFolder, sequence_length
+from steer.pipeline.folders.rollouts import RolloutFolder, RolloutRecord, sequence_length
 from steer.pipeline.labels import label_branches
 from steer.pipeline.problems import Problem
 from steer.pipeline.rollout import run_rollouts
@@ -93,11 +93,12 @@ class Stages:
 
 
 def make_heads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], out: Path,
-               rollouts: RolloutSettings, labels: LabelSettings, train: TrainSettings = TrainSettings(),
+               rollouts: RolloutSettings, labels: LabelSettings | None, train: TrainSettings = TrainSettings(),
                score: ScoreSettings = ScoreSettings(), decoder: Decoder | None = None) -> dict[str, HeadRun]:
-    """Rollouts of `model` on `problems`, scored, labelled by branching, and a head from each label source (`train`
-    otherwise the same), saved under `out`. Rollouts and branch continuations decode with `decoder` where one is
-    given (vLLM's, say), else with `model`; scoring and training use `model`. Returns the heads by name
+    """Rollouts of `model` on `problems`, scored, the advantage head, then branch labels and the branch head (`train`
+    otherwise the same), saved under `out`; with `labels=None` it stops after the advantage head (the labels and
+    the branch head come in a later call). Rollouts and branch continuations decode with `decoder` where one is
+    given (vLLM's, say), else with `model`; scoring and training use `model`. Returns the heads made so far by name
     ([`LABEL_SOURCES`])."""
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out)
@@ -105,8 +106,11 @@ def make_heads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, probl
     engine = decoder if decoder is not None else model
     stages.run("rollouts", lambda: run_rollouts(engine, tokenizer, problems, rollouts_dir, rollouts))
     stages.run("scoring", lambda: score_rollouts(model, rollouts_dir, score))
-    stages.run("labels", lambda: label_branches(engine, tokenizer, rollouts_dir, labels))
     for name, source in LABEL_SOURCES.items():
+        if source == "branches":
+            if labels is None:
+                break
+            stages.run("labels", lambda: label_branches(engine, tokenizer, rollouts_dir, labels))
         folder = out / name.replace(" ", "-")
         if not (folder / TRAINING_FILE).exists():
             stages.record.pop(f"train {source}", None)  # a head not saved was not trained: time it again
@@ -116,23 +120,29 @@ def make_heads(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, probl
 
 
 def head_runs(out: Path, parameters: int, steps: int = TrainSettings.steps) -> dict[str, HeadRun]:
-    """The heads [`make_heads`] made under `out`, with what each cost (read from the folders: nothing runs), for a
-    model of `parameters` parameters whose heads trained `steps` steps."""
+    """The heads [`make_heads`] made under `out` so far, with what each cost (read from the folders: nothing runs),
+    for a model of `parameters` parameters whose heads trained `steps` steps."""
     stages = Stages(out)
     rollouts_dir = out / "rollouts"
     records = RolloutFolder(rollouts_dir).read_records()
     rollout_tokens = sum(map(sequence_length, records))
-    prompts = {r.key: r.prompt_ids for r in records}
-    label_tokens = sum(len(prompts[r.problem_id, r.sample]) + len(r.completion_ids)
-                       for r in LabelFolder.of(rollouts_dir).read_records())
     heads = {}
     for name, source in LABEL_SOURCES.items():
         folder = out / name.replace(" ", "-")
+        if not (folder / TRAINING_FILE).exists():
+            continue
         head = CorrectionHead.from_pretrained(folder)
         points = json.loads((folder / TRAINING_FILE).read_text())["pool"]["train_points"]
         training_flops = 6 * sum(p.numel() for p in head.parameters()) * points * steps
-        tokens = 2 * rollout_tokens + (label_tokens if source == "branches" else 0)  # generated, then scored
+        tokens = 2 * rollout_tokens + (label_tokens(rollouts_dir, records) if source == "branches" else 0)
         stage_names = ["rollouts", "scoring", *(["labels"] if source == "branches" else []), f"train {source}"]
         heads[name] = HeadRun(name, folder, head, stages.seconds(*stage_names), tokens,
                               2 * parameters * tokens + training_flops)
     return heads
+
+
+def label_tokens(rollouts_dir: Path, records: Sequence[RolloutRecord]) -> int:
+    """Prompt and completion tokens of every branch continuation of the labels (all read or generated)."""
+    prompts = {r.key: r.prompt_ids for r in records}
+    return sum(len(prompts[r.problem_id, r.sample]) + len(r.completion_ids)
+               for r in LabelFolder.of(rollouts_dir).read_records())

@@ -5,6 +5,9 @@
     python benches/paper_table_gsm8k.py --stage lora        # the paper's LoRA on the same pool, then its checkpoint
     python benches/paper_table_gsm8k.py --stage table       # every arm on the test problems, then the table
 
+(`--stage advantage-head` stops the heads stage after the advantage head, so that its test decodes can come before
+the labels; `--stage table --modes greedy` decodes only greedy.)
+
 Everything is chosen on GSM8K's train file: its first `--train-problems` problems give the rollouts (and so the
 pools and the heads' held-out problems), the next `--validation-problems` the LoRA's checkpoint and the power pilot.
 The test file serves only the table, each arm decoded once per mode. Decoding runs through vLLM's CPU build in
@@ -194,16 +197,15 @@ def pilot(setup: Setup, argv: list[str]) -> dict:
     return power
 
 
-def stage_heads(setup: Setup, argv: list[str]) -> None:
+def stage_heads(setup: Setup, argv: list[str], labels: bool = True) -> None:
+    from steer.integrations.vllm.decoding import vllm_decoders
     from steer.models import load_model
 
     train, _, _ = setup.problems()
     model, tokenizer = load_model(setup.model, device="cpu", dtype=torch.float32)
-    from steer.integrations.vllm.decoding import vllm_decoders
-
     decoder, _ = vllm_decoders(setup.model, tokenizer, None, setup.dtype, setup.seed)
     heads = make_heads(model, tokenizer, train, setup.out / "heads", setup.rollout_settings(),
-                       setup.label_settings(), decoder=decoder)
+                       setup.label_settings() if labels else None, decoder=decoder)
     for name, run in heads.items():
         print(f"{name}: {run.path} ({run.seconds:.0f} s, {run.flops:.3g} FLOPs)", flush=True)
 
@@ -238,15 +240,19 @@ def stage_lora(setup: Setup, argv: list[str]) -> None:
     print(f"kept checkpoint {best}: validation greedy accuracy {scores}", flush=True)
 
 
-def stage_table(setup: Setup, argv: list[str]) -> None:
+def stage_table(setup: Setup, argv: list[str], modes: tuple[str, ...] = MODES) -> None:
+    """Decode the arms whose inputs exist, in `modes` (in the order of [`MODES`]), then render."""
     arms = arm_specs(setup)
-    for name in ("base", "advantage head", "branch head", "lora"):
-        if name in arms:
-            run_decode(setup, argv, name, "greedy")
-    pilot(setup, argv)
-    for name in ("base", "advantage head", "lora", "gate"):
-        if name in arms:
-            run_decode(setup, argv, name, "sampled")
+    if "greedy" in modes:
+        for name in ("base", "advantage head", "branch head", "lora"):
+            if name in arms:
+                run_decode(setup, argv, name, "greedy")
+    if "pilot" in modes:
+        pilot(setup, argv)
+    if "sampled" in modes:
+        for name in ("base", "advantage head", "lora", "gate"):
+            if name in arms:
+                run_decode(setup, argv, name, "sampled")
     stage_render(setup, argv)
 
 
@@ -279,8 +285,7 @@ def table_record(setup: Setup) -> dict:
             rows["one sample"] = arm_rows(summarize(first, 1), "test")
     compute = {name: {"flops": run.flops, "seconds": run.seconds, "tokens": run.tokens, "tau": run.head.tau,
                       "scale": run.head.scale}
-               for name, run in (head_runs(setup.out / "heads", parameters).items()
-                                 if (setup.out / "heads" / "branch-head" / "config.json").exists() else [])}
+               for name, run in head_runs(setup.out / "heads", parameters).items()}
     lora = setup.out / "lora" / "lora.json"
     if lora.exists():
         trained = json.loads(lora.read_text())
@@ -349,7 +354,13 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-STAGES = {"heads": stage_heads, "lora": stage_lora, "table": stage_table, "render": stage_render}
+def stage_advantage_head(setup: Setup, argv: list[str]) -> None:
+    """The heads stage up to the advantage head (the labels and the branch head later, with `--stage heads`)."""
+    stage_heads(setup, argv, labels=False)
+
+
+STAGES = {"heads": stage_heads, "advantage-head": stage_advantage_head, "lora": stage_lora, "table": stage_table,
+          "render": stage_render}
 
 
 def main() -> None:
@@ -364,6 +375,7 @@ def main() -> None:
     parser.add_argument("--arm", help="--stage decode: which arm")
     parser.add_argument("--arm-model", help="--stage decode: the arm's model folder (a LoRA checkpoint, merged)")
     parser.add_argument("--mode", choices=MODES, help="--stage decode: greedy, pilot or sampled")
+    parser.add_argument("--modes", default=",".join(MODES), help="--stage table: which modes to decode")
     parser.add_argument("--split", choices=("test", "validation"), default="test")
     args = parser.parse_args()
     setup = Setup(args.model, args.train_file, args.test_file, ROOT / "runs" / f"gsm8k-{Path(args.model).name}",
@@ -374,6 +386,8 @@ def main() -> None:
             "--dtype", args.dtype]
     if args.stage == "decode":
         stage_decode(setup, args)
+    elif args.stage == "table":
+        stage_table(setup, argv, tuple(mode for mode in MODES if mode in args.modes.split(",")))
     else:
         STAGES[args.stage](setup, argv)
 
