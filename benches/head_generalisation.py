@@ -52,8 +52,10 @@ VARIANTS = {  # name -> what differs from the library's TrainSettings
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A variant at one step, pooled over folds: held-out loss (mean over problems) less the untrained head's, and
-    the held-out gain with its standard error over problems."""
+    """A variant at one step, pooled over folds: held-out loss (mean over problems) less the untrained head's, the
+    held-out gain with its standard error over problems, and what the head does to the base top-1 there: the share
+    of points where it changes the top-1, and the mean log-ratio of the top-1's probability, steered over base
+    (above 0: the head sharpens the base choice, as a lower temperature would)."""
 
     step: int
     loss_vs_base: float
@@ -61,6 +63,21 @@ class Checkpoint:
     gain: float
     gain_se: float
     problems: int
+    top1_changed: float
+    top1_logratio: float
+
+
+def top1_effect(points: Points, head: CorrectionHead, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per point: whether the head changes the top-1, and the log-ratio of the base top-1's probability (steered
+    over base). Column 0 of the candidates is the base top-1 in both kinds of points."""
+    with torch.no_grad():
+        if isinstance(points, BranchBatch):
+            delta = head(points.hidden, embedding[points.ids])
+        else:
+            delta = head(points.hidden, embedding[points.ids], points.steerable)
+        log_p = torch.log_softmax(points.base, dim=-1)
+        log_q = torch.log_softmax(points.base + delta, dim=-1)
+    return (log_q.argmax(-1) != log_p.argmax(-1)).float(), log_q[:, 0] - log_p[:, 0]
 
 
 def folds_of(problems: list[str], folds: int, seed: int) -> list[set[str]]:
@@ -89,6 +106,7 @@ def cross_validate(points: Points, groups: torch.Tensor, problem_ids: list[str],
     choice is the base model's); pool the held-out problems over folds."""
     loss_delta: dict[int, dict[int, float]] = defaultdict(dict)  # step -> problem -> policy loss less base's
     gains: dict[int, dict[int, float]] = defaultdict(dict)
+    effects: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
     for fold_index, fold in enumerate(folds):
         held = torch.tensor([problem_ids[g] in fold for g in groups.tolist()])
         train, heldout = points.select(~held), points.select(held)
@@ -107,6 +125,7 @@ def cross_validate(points: Points, groups: torch.Tensor, problem_ids: list[str],
             losses = per_problem(objective.point_policy, groups[held])
             base_loss = base_loss or losses  # the first evaluation is step 0
             step = evaluation.step
+            effects[step].append(top1_effect(heldout, head, embedding))
             for problem, value in per_problem(objective.point_gain, groups[held]).items():
                 gains[step][problem] = value
                 loss_delta[step][problem] = losses[problem] - base_loss[problem]
@@ -114,7 +133,10 @@ def cross_validate(points: Points, groups: torch.Tensor, problem_ids: list[str],
     for step in sorted(gains):
         lmean, lse = mean_se(list(loss_delta[step].values()))
         gmean, gse = mean_se(list(gains[step].values()))
-        result.append(Checkpoint(step, lmean, lse, gmean, gse, len(gains[step])))
+        changed = torch.cat([c for c, _ in effects[step]])
+        logratio = torch.cat([r for _, r in effects[step]])
+        result.append(Checkpoint(step, lmean, lse, gmean, gse, len(gains[step]), float(changed.mean()),
+                                 float(logratio.mean())))
     return result
 
 
