@@ -178,15 +178,18 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--heads", type=Path, required=True, help="Folder holding head folders (benches/heads.py).")
     parser.add_argument("--per-completion", type=int, default=3, help="Changed steps continued per completion.")
+    parser.add_argument("--problems", default="100:200", help="START:END of the data file's problems to decode (the "
+                        "validation slice: never the rollouts' problems nor the test's; default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
                         help="Token budget of every decode and continuation (the family's, as in the table).")
     parser.add_argument("--out", type=Path, help="The report (default: benches/results/onpolicy-<model>-<data>.json).")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, device="cpu", dtype=torch.float32)
-    problems = load_problems(args.data)[100:200]
+    start, end = (int(x) for x in args.problems.split(":"))
+    problems = load_problems(args.data)[start:end]
     report = {"command": " ".join(["python benches/onpolicy_diagnosis.py", *sys.argv[1:]]),
-              "problems": "validation slice (100-199)", "max_new_tokens": args.max_new_tokens, "heads": {}}
+              "problems": f"validation slice ({start}-{end - 1})", "max_new_tokens": args.max_new_tokens, "heads": {}}
     for folder in sorted(p for p in args.heads.iterdir() if (p / "head.safetensors").exists()):
         head = CorrectionHead.from_pretrained(folder)
         out = ROOT / "runs" / f"onpolicy-{args.data.stem}" / f"{args.heads.name}-{folder.name}"
