@@ -1,18 +1,22 @@
 """How often greedy decoding through vLLM and through `steer.generate` part ways, with the same head, and why.
 
     python benches/vllm_agreement.py --model benches/models/SmolLM2-135M-Instruct
+    python benches/vllm_agreement.py --model benches/models/Qwen2.5-Coder-0.5B-Instruct --problems 32 \
+        --tensor-parallel-size 2        # two tensor-parallel ranks (one CPU core each here)
 
 Both engines decode `--problems` arithmetic prompts greedily in float32, `--new-tokens` each, with a random head
 gating every step (tau = 0) and without one. For each sequence that differs, the step where it first does and the
 margin there between the two best candidates of the transformers engine's (steered) scores, recomputed by one
 forward pass over the shared prefix: a margin of a few 1e-5 is a near-tie that the engines' float32 arithmetic (other
-kernels, other summation orders, batched against alone) breaks differently. Writes
-`benches/results/vllm-agreement-<model>.json`.
+kernels, other summation orders, batched against alone) breaks differently. With `--tensor-parallel-size N`
+vLLM runs N ranks (each steers the logits gathered from all of them). Writes
+`benches/results/vllm-agreement-<model>[-tpN].json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -67,6 +71,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "arithmetic.jsonl")
     parser.add_argument("--problems", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     args = parser.parse_args()
 
     from vllm import SamplingParams
@@ -81,14 +86,17 @@ def main() -> None:
     torch.nn.init.normal_(head.up, std=0.05, generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory() as folder:
         head.save_pretrained(folder)
-        llm = steered_llm(args.model, folder, dtype="float32", enforce_eager=True, seed=0, max_model_len=1024)
+        parallel = ({"tensor_parallel_size": args.tensor_parallel_size, "distributed_executor_backend": "mp"}
+                    if args.tensor_parallel_size > 1 else {})
+        llm = steered_llm(args.model, folder, dtype="float32", enforce_eager=True, seed=0, max_model_len=1024,
+                          **parallel)
         params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
         decoded = {}
         for steered in (True, False):
             set_steering(llm, steered)
             decoded[steered] = [list(o.outputs[0].token_ids) for o in llm.generate(requests, params, use_tqdm=False)]
-    record = {"command": f"python benches/vllm_agreement.py --model {args.model}",
+    record = {"command": " ".join(["python benches/vllm_agreement.py", *sys.argv[1:]]),
               "arguments": {k: str(v) for k, v in vars(args).items()}}
     hf = {True: hf_greedy(model, prompts, args.new_tokens, head), False: hf_greedy(model, prompts, args.new_tokens)}
     for steered, name in ((True, "steered"), (False, "base")):
@@ -96,7 +104,8 @@ def main() -> None:
         print(name, {k: v for k, v in record[name].items() if k != "first_difference"},
               sorted(d["margin"] for d in record[name]["first_difference"])[:10])
     record["changed_by_the_head"] = sum(a != b for a, b in zip(hf[True], hf[False]))
-    atomic_write_json(ROOT / "results" / f"vllm-agreement-{Path(args.model).name}.json", record)
+    suffix = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    atomic_write_json(ROOT / "results" / f"vllm-agreement-{Path(args.model).name}{suffix}.json", record)
 
 
 if __name__ == "__main__":
