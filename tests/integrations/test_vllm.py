@@ -43,6 +43,7 @@ from steer.integrations.vllm import (  # noqa: E402
     models,
     register,
     set_steering,
+    set_strength,
     steered_llm,
     steering_stats,
 )
@@ -137,6 +138,23 @@ def test_steered_engine_decodes_as_steer_generate(steered):
         assert vllm_greedy(llm, tokenizer) == base
     finally:
         set_steering(llm, True)
+
+
+def test_strength_is_set_in_every_worker_as_steer_generate_reads_it(steered):
+    folder, model, tokenizer, head, llm = steered
+    weaker = CorrectionHead.from_pretrained(folder / "head")
+    weaker.scale = 0.25
+    expected = hf_greedy(model, tokenizer, weaker)
+    assert expected != hf_greedy(model, tokenizer, head), "the strength changes nothing: the test could not fail"
+    try:
+        set_strength(llm, 0.25)
+        assert vllm_greedy(llm, tokenizer) == expected
+        set_strength(llm, 0.0)
+        assert vllm_greedy(llm, tokenizer) == hf_greedy(model, tokenizer)
+    finally:
+        set_strength(llm, head.scale)
+    with pytest.raises(ValueError, match="strength"):
+        set_strength(llm, -1.0)
 
 
 def test_batching_does_not_mix_requests(steered):

@@ -265,6 +265,18 @@ def set_steering(llm: LLM, enabled: bool) -> None:
     llm.collective_rpc("steer_set_enabled", args=(enabled,))
 
 
+def set_strength(llm: LLM, scale: float) -> None:
+    """Set the head's correction strength (`CorrectionHead.scale`) in every worker of a steered engine, so that
+    strengths can be compared on the same engine (a sweep on held-out problems) without starting another.
+
+    Raises:
+        `ValueError`: `scale` is not a finite number >= 0.
+    """
+    from steer.settings import check_scale
+
+    llm.collective_rpc("steer_set_scale", args=(check_scale(scale),))
+
+
 def describe_head(source: str) -> str:
     """One line about a head, for logs: where it is, what it was made for, its tau, top-k and strength."""
     from steer.head import CONFIG_NAME, CorrectionHead

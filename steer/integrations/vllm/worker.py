@@ -99,6 +99,9 @@ class SteerWorkerExtension:
     def steer_set_enabled(self, enabled: bool) -> None:
         self.model_runner.model.steer_enabled = bool(enabled)
 
+    def steer_set_scale(self, scale: float) -> None:
+        self.model_runner.model.steer_head.scale = float(scale)
+
     def steer_sequence_counts(self, keys: list[str]) -> dict[str, list[int]]:
         """`{key: [gated steps, changed steps]}` of the requests with these keys, forgotten once taken."""
         return {key: SequenceCounter.counts.pop(key) for key in keys if key in SequenceCounter.counts}
