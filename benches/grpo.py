@@ -362,7 +362,8 @@ def main() -> None:
     settings = family_settings(args.family, options, args.micro_batch, args.seed)
     run = args.run or ROOT / "runs" / f"grpo-{args.family}"
     result = train_grpo(model, tokenizer, train, validation, settings, run)
-    record = {"command": " ".join(["python benches/grpo.py", *sys.argv[1:]]), "arguments": given, **result}
+    record = {"command": " ".join(["python benches/grpo.py", *sys.argv[1:]]),
+              "arguments": {name: str(value) for name, value in given.items()}, **result}
     if args.family == "world":
         model_out = ROOT / "models" / "world-grpo"
         shutil.copytree(run / BEST_DIR, model_out, dirs_exist_ok=True)

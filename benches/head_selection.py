@@ -2,8 +2,9 @@
 
     python benches/head_selection.py --family word_problems
 
-`train_head` keeps the checkpoint with the best held-out gain and then the strength (`scale`) with the best
-held-out gain, where the held-out points come from a fifth of the pool's problems, drawn with the training seed.
+`train_head` keeps a checkpoint and then a strength (`scale`) by their held-out gain (the recorded results were
+made when it kept the largest; it now keeps the earliest and smallest within one standard error of the best), where
+the held-out points come from a fifth of the pool's problems, drawn with the training seed.
 On a real model the pool is small (problems with both right and wrong rollouts), so that fifth is 4 to 8 problems.
 This trains both heads of a table run (`benches/heads.py`, library defaults) at `--seeds` seeds, which changes the
 held-out problems and the order of training batches and nothing else, and reports what each seed kept. Training

@@ -141,6 +141,13 @@ def head_runs(out: Path, parameters: int, steps: int = TrainSettings.steps) -> d
     return heads
 
 
+def rollout_cost(out: Path, parameters: int) -> tuple[float, int, float]:
+    """What the rollouts and their scoring under `out` cost, which every method trained on them shares: seconds,
+    tokens (generated, then scored) and FLOPs."""
+    tokens = 2 * sum(map(sequence_length, RolloutFolder(out / "rollouts").read_records()))
+    return Stages(out).seconds("rollouts", "scoring"), tokens, 2.0 * parameters * tokens
+
+
 def label_tokens(rollouts_dir: Path, records: Sequence[RolloutRecord]) -> int:
     """Prompt and completion tokens of every branch continuation of the labels (all read or generated)."""
     prompts = {r.key: r.prompt_ids for r in records}

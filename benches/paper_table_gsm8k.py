@@ -9,7 +9,7 @@
 the labels; `--stage table --modes greedy` decodes only greedy.)
 
 Everything is chosen on GSM8K's train file: its first `--train-problems` problems give the rollouts (and so the
-pools and the heads' held-out problems), the next `--validation-problems` the LoRA's checkpoint and the power pilot.
+pools and the heads' held-out problems), the next 100 the LoRA's checkpoint and the power pilot.
 The test file serves only the table, each arm decoded once per mode. Decoding runs through vLLM's CPU build in
 float32 (on a CPU without AVX512-BF16 bfloat16 decoded at under half the speed; with it, `--dtype bfloat16` was 2x
 faster: `benches/results/engine-speed-Qwen2.5-Coder-0.5B-Instruct.json`); scoring and training use the transformers
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from heads import head_runs, make_heads
+from heads import head_runs, make_heads, rollout_cost
 from paper_table_real import required_samples
 
 from steer.files import atomic_write_json, atomic_write_text
@@ -289,8 +289,10 @@ def table_record(setup: Setup) -> dict:
     lora = setup.out / "lora" / "lora.json"
     if lora.exists():
         trained = json.loads(lora.read_text())
-        compute["lora"] = {"flops": trained["flops"], "seconds": trained["seconds"], "steps": trained["steps"],
-                           "pool_rollouts": trained["pool_rollouts"],
+        data_seconds, data_tokens, data_flops = rollout_cost(setup.out / "heads", parameters)
+        compute["lora"] = {"flops": trained["flops"] + data_flops, "seconds": trained["seconds"] + data_seconds,
+                           "training_flops": trained["flops"], "training_seconds": trained["seconds"],
+                           "tokens": data_tokens, "steps": trained["steps"], "pool_rollouts": trained["pool_rollouts"],
                            "decision_fraction": trained["decision_fraction"]}
         selected = setup.out / "lora" / "selected.json"
         if selected.exists():

@@ -15,13 +15,15 @@ advantages clipped at 2.5), and the entropies are those `steer score` stored. Di
 2 CPU cores: float32 instead of bfloat16, and the KL term averaged per rollout, then over the step's 8 rollouts.
 
 Training saves the adapter at `--checkpoints` (safetensors) and resumes from its last saved state (adapter,
-optimiser moments, the step and the order of rollouts, every `--save-every` steps). `--merge STEP` writes the base
-model with that checkpoint's adapter merged in, as a plain folder any engine loads (vLLM decodes it). Which
-checkpoint to keep is chosen on held-out problems by the table script, by greedy pass@1 as the recipe does.
+optimiser moments, the step, the order of rollouts and the curve, every 5 steps), with the same settings only.
+`--merge STEP` writes the base model with that checkpoint's adapter merged in, as a plain folder any engine loads
+(vLLM decodes it). Which checkpoint to keep is chosen on held-out problems by the table script, by greedy pass@1 as
+the recipe does.
 
-Compute is counted as for the heads and GRPO: 2N FLOPs per token of a forward pass, and 4N for the forward and
-backward of the adapted model (N the base model's parameters; the frozen weights take no weight gradient), summed
-over the tokens each step reads.
+Training compute is counted as for the heads and GRPO: 2N FLOPs per token of a forward pass, and 4N for the forward
+and backward of the adapted model (N the base model's parameters; the frozen weights take no weight gradient), summed
+over the tokens each step reads. The rollouts and their scoring, which the LoRA shares with the heads, are added by
+the table (`benches/paper_table_gsm8k.py`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import argparse
 import json
 import math
 import random
-import sys
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,10 +44,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from steer.files import atomic_write_json
 from steer.pipeline.folders.rollouts import RolloutFolder
 from steer.pipeline.pool import select_pool
+from steer.pipeline.store import check_settings
 from steer.settings import PAPER_TAU, TrainSettings
 
-STATE = "state"  # the resumable training state, inside --out
-CURVE = "curve.json"
+LATEST = "latest.json"  # names the last complete training state, inside --out
+SETTINGS = "lora.settings.json"
 
 
 @dataclass(frozen=True)
@@ -135,43 +138,53 @@ def adapted_model(model_path: str, settings: LoraSettings):
 
 def save_state(out: Path, model, optimiser: torch.optim.Optimizer, step: int, order: list[int],
                curve: list[dict]) -> None:
-    """The resumable state: the adapter, AdamW's moments (safetensors) and the progress (JSON), each written whole
-    before the progress names them."""
-    state = out / STATE
-    state.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(state / "adapter")
+    """The resumable state after `step`: the adapter, AdamW's moments (safetensors) and the progress (JSON: the step,
+    the order of rollouts, the curve), written whole into `state-<step>/` (a folder renamed into place), then named
+    by `latest.json`; older states are removed after. A kill at any moment leaves the last complete state named."""
+    final = out / f"state-{step}"
+    tmp = out / f".state-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "adapter")
     moments = {}
     for index, param in enumerate(p for p in model.parameters() if p.requires_grad):
         entry = optimiser.state.get(param)
         if entry:
             moments[f"{index}.exp_avg"] = entry["exp_avg"].contiguous()
             moments[f"{index}.exp_avg_sq"] = entry["exp_avg_sq"].contiguous()
-    save_file(moments, str(state / "optimizer.tmp"))
-    (state / "optimizer.tmp").replace(state / "optimizer.safetensors")
-    atomic_write_json(state / "progress.json", {"step": step, "order": order})
-    atomic_write_json(out / CURVE, curve)
+    save_file(moments, str(tmp / "optimizer.safetensors"))
+    atomic_write_json(tmp / "progress.json", {"step": step, "order": order, "curve": curve})
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    atomic_write_json(out / LATEST, {"state": final.name})
+    for old in out.glob("state-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_state(out: Path, model, optimiser: torch.optim.Optimizer) -> tuple[int, list[int] | None, list[dict]]:
-    """Resume what [`save_state`] wrote: the step reached, the order of rollouts, the curve."""
-    progress = out / STATE / "progress.json"
-    if not progress.exists():
+    """Resume what [`save_state`] last named: the step reached, the order of rollouts, the curve."""
+    latest = out / LATEST
+    if not latest.exists():
         return 0, None, []
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(model, load_file(str(out / STATE / "adapter" / "adapter_model.safetensors")))
-    saved = json.loads(progress.read_text())
-    moments = load_file(str(out / STATE / "optimizer.safetensors"))
+    state = out / json.loads(latest.read_text())["state"]
+    set_peft_model_state_dict(model, load_file(str(state / "adapter" / "adapter_model.safetensors")))
+    saved = json.loads((state / "progress.json").read_text())
+    moments = load_file(str(state / "optimizer.safetensors"))
     for index, param in enumerate(p for p in model.parameters() if p.requires_grad):
         if f"{index}.exp_avg" in moments:
             optimiser.state[param] = {"step": torch.tensor(float(saved["step"])),
                                       "exp_avg": moments[f"{index}.exp_avg"],
                                       "exp_avg_sq": moments[f"{index}.exp_avg_sq"]}
-    return saved["step"], saved["order"], json.loads((out / CURVE).read_text())
+    return saved["step"], saved["order"], saved["curve"]
 
 
 def train(model_path: str, rollouts_dir: Path, out: Path, settings: LoraSettings) -> dict:
-    """Train (or resume) the LoRA; returns the run's record (also `out/lora.json`)."""
+    """Train (or resume) the LoRA; returns the run's record (also `out/lora.json`). A run resumes only with the
+    settings and rollouts it started with (`lora.settings.json`)."""
+    check_settings(out / SETTINGS, {"model": model_path, "rollouts": str(rollouts_dir), **asdict(settings)})
     sequences = training_sequences(rollouts_dir, settings)
     torch.manual_seed(settings.seed)
     model = adapted_model(model_path, settings)
@@ -215,7 +228,9 @@ def train(model_path: str, rollouts_dir: Path, out: Path, settings: LoraSettings
               "parameters": parameters, "trainable_parameters": sum(p.numel() for p in trainable),
               "steps": step, "flops": sum(c["flops"] for c in curve), "seconds": sum(c["seconds"] for c in curve),
               "checkpoints": {s: str(out / f"checkpoint-{s}") for s in settings.checkpoints if s <= step},
-              "command": " ".join(["python benches/reasonmaxxer_lora.py", *sys.argv[1:]])}
+              "command": (f"python benches/reasonmaxxer_lora.py --model {model_path} --rollouts {rollouts_dir} "
+                          f"--out {out} --steps {settings.steps} "
+                          f"--checkpoints {','.join(map(str, settings.checkpoints))}")}
     atomic_write_json(out / "lora.json", record)
     return record
 

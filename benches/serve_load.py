@@ -3,14 +3,14 @@
     python -m steer.integrations.vllm.install_cpu        # on a CPU, once
     python benches/serve_load.py --model benches/models/SmolLM2-135M-Instruct
 
-Each server (plain vLLM, then `steer serve` with a head at tau = 0, so every row is gated and corrected: the most
-work steering can do) starts on 127.0.0.1 with the same engine settings, takes a few warm-up requests, then a load
-of `--requests` requests at each concurrency of `--concurrency` ([`steer.integrations.vllm.load.mixed_requests`]:
-prompts of mixed lengths, up to `--max-tokens` new tokens, half greedy and half sampled, half streamed, about 5%
-malformed and 5% clients that hang up after the first streamed event). Recorded per server and concurrency:
-requests per second, p50 and p99 latency of the answered requests, and what became of every request (answered,
-refused with a 4xx, failed); for the steered server also the steering counters of `GET /steer/stats`, and whether
-the server still answers after the load.
+Each server (plain vLLM, then `steer serve` with an untrained head at tau = 0, so every row is gated and run through
+the correction: the most work steering can do) starts on 127.0.0.1 with the same engine settings, takes a few
+warm-up requests, then a load of `--requests` requests at each concurrency of `--concurrency`
+([`steer.integrations.vllm.load.mixed_requests`]: prompts of mixed lengths, up to `--max-tokens` new tokens, half
+greedy and half sampled, half streamed, about 5% malformed and 5% clients that hang up after the first streamed
+event). Recorded per server and concurrency: requests per second, p50 and p99 latency of the answered requests, and
+what became of every request (answered, refused with a 4xx, failed); for the steered server also the steering
+counters of `GET /steer/stats`, and whether the server still answers after the load.
 
 Writes `benches/results/serve-load-<model>-<device>.json`.
 """

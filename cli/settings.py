@@ -92,7 +92,8 @@ FLAGS: dict[str, Flag] = {
     "grad_clip": Flag("Gradient norm clip.", click.FloatRange(min=0, min_open=True)),
     "heldout_fraction": Flag("Share of pool problems held out to choose the checkpoint and strength.",
                              click.FloatRange(0, 1, max_open=True)),
-    "scales": Flag("Correction strengths tried after training; the best on held-out points is kept.",
+    "scales": Flag("Correction strengths tried after training; the smallest within one standard error of the best "
+                   "held-out gain is kept.",
                    FloatList(check_scale, "each finite and >= 0")),
     "eval_every": Flag("Steps between held-out evaluations.", POSITIVE),
     "objective": Flag("How worse-than-average choices are pushed down: bounded (unlikelihood) or the paper's loss.",

@@ -113,7 +113,7 @@ def run_job(job: Job[U, R], workers: Workers = Workers(), progress: bool = True)
     path, key_fields = folder.records_path, folder.key
     if workers.is_main:
         check_settings(folder.settings_path, job.settings)
-    store, existing = open_store(path, key_fields, workers)
+    store, existing = open_store(path, key_fields, workers, folder.record_type.required())
     covered = job.covered_keys or (lambda record: [folder.key_of(record)])
     done = {key for data in existing for key in covered(folder.parse(data))}
     pending = [unit for unit in job.units if any(key not in done for key in job.unit_keys(unit))]
@@ -148,8 +148,10 @@ def part_path(path: Path, rank: int) -> Path:
     return path.parent / "parts" / f"{path.stem}.{rank}{path.suffix}"
 
 
-def open_store(path: Path, key_fields: tuple[str, ...], workers: Workers) -> tuple[RecordStore, list[dict[str, Any]]]:
-    """The store this process appends to, and the records written by any process in an earlier run.
+def open_store(path: Path, key_fields: tuple[str, ...], workers: Workers,
+               required: tuple[str, ...] = ()) -> tuple[RecordStore, list[dict[str, Any]]]:
+    """The store this process appends to, and the records written by any process in an earlier run (each holding
+    the key fields and `required`, else a [`StoreError`] naming the file and line).
 
     Each file is repaired (a partial last line dropped) only by the process that writes it: the main store by the
     main process, before the others read it; a part by its own process. Other files are only read, and nobody
@@ -161,7 +163,7 @@ def open_store(path: Path, key_fields: tuple[str, ...], workers: Workers) -> tup
     own = RecordStore(path if workers.world == 1 else part_path(path, workers.rank), key_fields)
     done = []
     for other in [path, *sorted(path.parent.glob(f"parts/{path.stem}.*{path.suffix}"))]:
-        done += read_jsonl(other, key_fields, partial_tail=True)
+        done += read_jsonl(other, (*key_fields, *required), partial_tail=True)
     workers.wait()
     return own, done
 

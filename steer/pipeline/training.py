@@ -326,7 +326,8 @@ def fit_head(
         head ([`CorrectionHead`]): the head to train (in place).
         train ([`Points`]), heldout ([`Points`]): see [`decision_batch`] and [`branch_batch`].
         embedding (`torch.Tensor` of shape `(vocab_size, hidden_size)`): the model's output embedding.
-        settings ([`TrainSettings`]): loss and optimiser settings (the pool settings are not used here).
+        settings ([`TrainSettings`]): optimiser settings and the anchor's weight (the pool settings are not used
+            here, nor the objective: the points carry theirs, see [`decision_batch`]).
         progress (`bool`, defaults to `False`): show a progress bar.
         heldout_groups (`torch.LongTensor` of shape `(len(heldout),)`, *optional*): the problem of each held-out
             point, over which standard errors are taken (defaults to each point its own problem).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from steer.pipeline.folders import Record, RunFolder
@@ -29,7 +29,8 @@ class LabelRecord(Record):
             completion. rank (`int`): the candidate's rank in the base top-k (1 is the base top-1).
         token (`int`): the candidate token.
         completion (`str`), completion_ids (`list[int]`): the continued completion (the rollout's prefix, the
-            candidate, then the greedy continuation), cut to the token budget.
+            candidate, then the greedy continuation), cut to the token budget (empty in folders written before
+            labels kept them).
         correct (`bool`): whether it was graded right.
     """
 
@@ -39,8 +40,8 @@ class LabelRecord(Record):
     rank: int
     token: int
     completion: str
-    completion_ids: list[int]
     correct: bool
+    completion_ids: list[int] = field(default_factory=list)
 
     @property
     def point(self) -> LabelPoint:
