@@ -5,9 +5,14 @@ everywhere else the model samples as usual. It is "a lower temperature only at d
 (temperature 0), and the natural rival of a head: a head also acts only above `tau`, and much of what RL gains on
 small models is sharpening.
 
-    arm = Arm("gate", model, decision_argmax(tau=1.2))      # steer.pipeline.evaluation.Arm
+    arm = Arm("gate", model, decision_argmax(tau=1.2))      # transformers' generate (steer.pipeline.evaluation.Arm)
 
-Used by `benches/paper_table_gsm8k.py`.
+    llm = LLM(model, logits_processors=[VllmDecisionArgmax])  # vLLM: requests with extra_args {GATE_KEY: tau}
+    decoder = VllmDecoder(llm, tokenizer, model, extra_args={GATE_KEY: 1.2})
+
+In vLLM each request draws from its own seeded generator, step by step, so a gated decode and a plain one with the
+same seed share their random draws until the gate first forces a different token: the arms are paired as tightly as
+two decodes can be. Used by `benches/paper_table_gsm8k.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,14 @@ import torch
 
 from steer.functional import entropy_topk
 from steer.pipeline.decoding import ProcessorFactory
+
+try:  # the vLLM processor's base; the transformers one needs no vLLM
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+    from vllm.v1.sample.logits_processor import LogitsProcessor as VllmLogitsProcessor
+except ImportError:
+    VllmLogitsProcessor = object
+
+GATE_KEY = "steer_gate_tau"  # SamplingParams.extra_args key: the gate of a request, in nats
 
 
 class DecisionArgmax:
@@ -32,11 +45,9 @@ class DecisionArgmax:
         self._gated: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        stats = entropy_topk(scores, 1)
-        gated = stats.entropy > self.tau
+        forced, gated = force_top1(scores, self.tau)
         self._gated.append(gated.cpu())
-        forced = torch.full_like(scores, float("-inf")).scatter_(1, stats.indices[:, :1], 0.0)
-        return torch.where(gated.unsqueeze(1), forced, scores)
+        return forced
 
     def row_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(gated, changed)` of shape `(rows, steps)`: the steps the gate forced, and (none) where that changed the
@@ -53,3 +64,50 @@ class DecisionArgmax:
 def decision_argmax(tau: float) -> ProcessorFactory:
     """The factory of [`DecisionArgmax`] processors for evaluation arms."""
     return lambda batch: DecisionArgmax(tau)
+
+
+def force_top1(scores: torch.Tensor, tau: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores` with every row whose entropy exceeds `tau` (one per row, or one for all) put on its top-1 token, and
+    the gated rows."""
+    stats = entropy_topk(scores, 1)
+    gated = stats.entropy > tau
+    forced = torch.full_like(scores, float("-inf")).scatter_(1, stats.indices[:, :1], 0.0)
+    return torch.where(gated.unsqueeze(1), forced, scores), gated
+
+
+class VllmDecisionArgmax(VllmLogitsProcessor):
+    """The same gate as a vLLM (V1 model runner) logits processor, for the requests whose `extra_args` hold a
+    [`GATE_KEY`]; the others pass through. Like every vLLM logits processor it runs on the model's logits before the
+    sampler's temperature and top-p."""
+
+    def __init__(self, vllm_config, device, is_pin_memory) -> None:
+        self.taus: dict[int, float] = {}  # persistent-batch row -> gate
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it changes what sampling draws
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.taus.pop(index, None)
+        for index, params, _, _ in batch_update.added:
+            tau = (params.extra_args or {}).get(GATE_KEY)
+            self.taus.pop(index, None)
+            if tau is not None:
+                self.taus[index] = float(tau)
+        for source, target, direction in batch_update.moved:
+            moving, swapped = self.taus.pop(source, None), self.taus.pop(target, None)
+            if moving is not None:
+                self.taus[target] = moving
+            if direction == MoveDirectionality.SWAP and swapped is not None:
+                self.taus[source] = swapped
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.taus:
+            return logits
+        tau = torch.full((logits.shape[0],), float("inf"), device=logits.device)
+        for row, value in self.taus.items():
+            if row < logits.shape[0]:
+                tau[row] = value
+        return force_top1(logits, tau)[0]

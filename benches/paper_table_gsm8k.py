@@ -13,8 +13,8 @@ pools and the heads' held-out problems), the next 100 the LoRA's checkpoint and 
 The test file serves only the table, each arm decoded once per mode. Decoding runs through vLLM's CPU build in
 float32 (on a CPU without AVX512-BF16 bfloat16 decoded at under half the speed; with it, `--dtype bfloat16` was 2x
 faster: `benches/results/engine-speed-Qwen2.5-Coder-0.5B-Instruct.json`); scoring and training use the transformers
-model in float32. The gate-only baseline (`benches/gate_baseline.py`) decodes with transformers' `generate`, the one
-engine that runs a logits processor.
+model in float32. The gate-only baseline (`benches/gate_baseline.py`) is a vLLM logits processor on the base model's
+engine.
 
 `--stage table` decodes, each arm in a process of its own (an engine per arm, released when it ends), in this
 order, skipping what is done: greedy base, advantage head, branch head and LoRA; the power pilot (`--pilot-samples`
@@ -33,7 +33,7 @@ import platform
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -140,13 +140,14 @@ def decode_arm(setup: Setup, arm: ArmSpec, mode: str, split: str) -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(arm.model)
-    if arm.gate_tau is not None:
-        from gate_baseline import decision_argmax
+    if arm.gate_tau is not None:  # vLLM with the gate as a logits processor, paired draw by draw with base
+        from gate_baseline import GATE_KEY, VllmDecisionArgmax
 
-        from steer.models import load_model
+        from steer.integrations.vllm.decoding import vllm_decoders
 
-        model, tokenizer = load_model(arm.model, device="cpu", dtype=torch.float32)
-        arms = [Arm(arm.name, model, decision_argmax(arm.gate_tau), f"gate tau={arm.gate_tau:.4f}", arm.gate_tau)]
+        base, _ = vllm_decoders(arm.model, tokenizer, None, setup.dtype, setup.seed,
+                                logits_processors=[VllmDecisionArgmax])
+        arms = [Arm(arm.name, replace(base, extra_args={GATE_KEY: arm.gate_tau}))]
     else:
         from steer.head import CorrectionHead
         from steer.integrations.vllm.decoding import vllm_decoders

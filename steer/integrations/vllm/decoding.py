@@ -37,12 +37,15 @@ class VllmDecoder:
             decodes them).
         name_or_path (`str`): the model, as recorded in the run's settings.
         steered (`bool`, *optional*): steering on or off for this decoder's batches; `None` leaves the engine as is.
+        extra_args (`dict`, *optional*): added to every request's `SamplingParams.extra_args`, where the engine's
+            custom logits processors read per-request settings.
     """
 
     llm: LLM
     tokenizer: PreTrainedTokenizerBase
     name_or_path: str
     steered: bool | None = None
+    extra_args: dict[str, Any] | None = None
 
     def decode(self, prompt_ids: Sequence[Sequence[int]], settings: DecodingSettings,
                seeds: Sequence[int]) -> list[Completion]:
@@ -55,13 +58,18 @@ class VllmDecoder:
         keys = [f"{uuid.uuid4().hex}-{i}" for i in range(len(prompt_ids))] if self.steered else None
         params = [SamplingParams(temperature=0.0 if greedy else settings.temperature,
                                  top_p=1.0 if greedy else settings.top_p, max_tokens=settings.max_new_tokens,
-                                 seed=seed % 2**63, extra_args={SEQUENCE_KEY: keys[i]} if keys else None)
+                                 seed=seed % 2**63, extra_args=self._extra_args(keys[i] if keys else None))
                   for i, seed in enumerate(seeds)]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids], params,
                                     use_tqdm=False)
         counts = self._sequence_counts(keys) if keys else {}
         return [self._completion(output.outputs[0], counts.get(key, (0, 0)) if keys else (0, 0))
                 for output, key in zip(outputs, keys or [None] * len(outputs))]
+
+    def _extra_args(self, key: str | None) -> dict[str, Any] | None:
+        """A request's `extra_args`: this decoder's, and the key its steered steps are counted under."""
+        extra = {**(self.extra_args or {}), **({SEQUENCE_KEY: key} if key else {})}
+        return extra or None
 
     def _sequence_counts(self, keys: list[str]) -> dict[str, tuple[int, int]]:
         """Gated and changed steps per sequence, summed over the workers."""
@@ -80,7 +88,7 @@ class VllmDecoder:
                           gated=counts[0], changed=counts[1])
 
     def run_settings(self) -> dict[str, Any]:
-        return {"engine": "vllm"}
+        return {"engine": "vllm", **({"extra_args": self.extra_args} if self.extra_args else {})}
 
 
 def vllm_decoders(model: str, tokenizer: PreTrainedTokenizerBase, head: str | None, dtype: str, seed: int,
