@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from heads import head_runs, make_heads, rollout_cost
+from heads import Stages, head_runs, make_heads, rollout_cost
 from paper_table_real import required_samples
 
 from steer.files import atomic_write_json, atomic_write_text
@@ -204,7 +204,9 @@ def stage_heads(setup: Setup, argv: list[str], labels: bool = True) -> None:
 
     train, _, _ = setup.problems()
     model, tokenizer = load_model(setup.model, device="cpu", dtype=torch.float32)
-    decoder, _ = vllm_decoders(setup.model, tokenizer, None, setup.dtype, setup.seed)
+    done = Stages(setup.out / "heads").record
+    decodes = not done.get("rollouts", {}).get("done") or (labels and not done.get("labels", {}).get("done"))
+    decoder = vllm_decoders(setup.model, tokenizer, None, setup.dtype, setup.seed)[0] if decodes else None
     heads = make_heads(model, tokenizer, train, setup.out / "heads", setup.rollout_settings(),
                        setup.label_settings() if labels else None, decoder=decoder)
     for name, run in heads.items():
