@@ -63,10 +63,12 @@ class Stages:
         self.path = out / STAGES_FILE
         self.record: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
-    def run(self, name: str, stage: Callable[[], T]) -> T:
+    def run(self, name: str, stage: Callable[[], T]) -> T | None:
+        """Run `stage` and time it, unless it is done (then nothing runs: a finished stage's folder is complete, and
+        the engine that made it may not be the one at hand)."""
         entry = self.record.get(name, {})
         if entry.get("done"):
-            return stage()
+            return None
         prior, sittings = entry.get("seconds", 0.0), entry.get("sittings", 0) + 1
         start, stop = time.perf_counter(), threading.Event()
 
