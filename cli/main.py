@@ -32,6 +32,7 @@ COMMANDS = {
     "score": "steer.cli.pipeline:score",
     "serve": "steer.cli.serve:serve_command",
     "train": "steer.cli.pipeline:train",
+    "tune": "steer.cli.tune:tune_command",
     "view": "steer.cli.view:view_command",
     "world": "steer.cli.demo:world_command",
 }

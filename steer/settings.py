@@ -160,7 +160,7 @@ class TrainSettings(GateSettings):
         heldout_fraction (`float`, defaults to 0.2): share of pool problems held out to choose the checkpoint.
         scales (`tuple[float, ...]`, defaults to `(0.5, 1, 2, 4, 8)`): the correction strengths tried after training;
             the head keeps the smallest whose held-out gain is within one standard error of the best (as it keeps
-            the earliest such checkpoint; see [`steer.pipeline.training.select_within_one_se`]). `(1.0,)` keeps the
+            the earliest such checkpoint; see [`steer.pipeline.metrics.select_within_one_se`]). `(1.0,)` keeps the
             trained strength.
         eval_every (`int`, defaults to 10): steps between held-out evaluations.
         objective (`str`, defaults to `"unlikelihood"`): `"unlikelihood"` or the paper's `"recipe"` (see
@@ -193,6 +193,27 @@ class TrainSettings(GateSettings):
             raise ValueError(f"labels must be one of {', '.join(LABEL_SOURCES)}; got {self.labels!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if not self.scales:
+            raise ValueError("scales must hold at least one correction strength")
+        for scale in self.scales:
+            check_scale(scale)
+
+
+@dataclass(frozen=True)
+class TuneSettings(EvalSettings):
+    """How a head's strength is chosen by decoded accuracy (see :mod:`steer.pipeline.tuning`): held-out problems
+    decoded by the base model and by the head at each strength (defaults: greedy, up to 512 new tokens). Fields as
+    in [`EvalSettings`], and:
+
+    Attributes:
+        scales (`tuple[float, ...]`, defaults to `(0.5, 1, 2, 4, 8)`): the strengths (`head.scale`) tried; strength 0
+            (the base model) is always a candidate.
+    """
+
+    decoding: DecodingSettings = field(default_factory=lambda: DecodingSettings(temperature=0.0, max_new_tokens=512))
+    scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+    def __post_init__(self) -> None:
         if not self.scales:
             raise ValueError("scales must hold at least one correction strength")
         for scale in self.scales:

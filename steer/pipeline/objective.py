@@ -16,7 +16,7 @@ at q = 0:
 
 `gain`, mean_t A (q(y_t) / p(y_t) - 1), is a bounded, importance-weighted estimate of how much more often the
 steered model would make the better-than-average choices; training chooses its checkpoint and strength by the
-held-out gain (see [`steer.pipeline.training.select_within_one_se`]).
+held-out gain (see [`steer.pipeline.metrics.select_within_one_se`]).
 """
 
 from __future__ import annotations

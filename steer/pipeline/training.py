@@ -13,7 +13,6 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from steer.head import (
 from steer.pipeline.folders.labels import LabelFolder
 from steer.pipeline.folders.rollouts import RolloutFolder
 from steer.pipeline.folders.scores import Features
+from steer.pipeline.metrics import Estimate, select_within_one_se
 from steer.pipeline.objective import Points, branch_batch, decision_batch
 from steer.pipeline.pool import Pool, resolve_tau, select_pool
 from steer.settings import TrainSettings
@@ -74,7 +74,7 @@ class CurvePoint:
 @dataclass(frozen=True)
 class HeldoutEvaluation:
     """The head on the held-out points at one step: loss and parts (means over points), and the gain over held-out
-    problems with its standard error (see [`HeldoutGain`])."""
+    problems with its standard error (see [`Estimate`])."""
 
     step: int
     loss: float
@@ -84,8 +84,8 @@ class HeldoutEvaluation:
     gain_se: float
 
     @property
-    def held_out_gain(self) -> HeldoutGain:
-        return HeldoutGain(self.gain, self.gain_se)
+    def held_out_gain(self) -> Estimate:
+        return Estimate(self.gain, self.gain_se)
 
 
 @dataclass(frozen=True)
@@ -267,37 +267,6 @@ def _schedule(step: int, settings: TrainSettings) -> float:
     return max(0.0, (settings.steps - step) / max(1, settings.steps - warmup))
 
 
-@dataclass(frozen=True)
-class HeldoutGain:
-    """A head's gain on held-out points: the mean over held-out problems of each problem's mean point gain, and the
-    standard error of that mean (0 with fewer than two problems, where no spread can be measured)."""
-
-    mean: float
-    standard_error: float
-
-
-def select_within_one_se(gains: Sequence[HeldoutGain]) -> int:
-    """The one-standard-error rule: the index of the first of `gains` (ordered from the simplest choice: the
-    earliest checkpoint, the smallest strength) whose mean is at least the best mean less the best's standard
-    error.
-
-    Taking the largest raw held-out gain chases noise when held-out problems are few: on SmolLM2's word problems it
-    kept strength x8 on 4 held-out problems, and the head then changed 70% of the steps it gated. A simpler choice
-    that the data cannot tell from the best is kept instead.
-
-    Example:
-
-    ```python
-    >>> select_within_one_se([HeldoutGain(0.0, 0.0), HeldoutGain(0.02, 0.01), HeldoutGain(0.025, 0.01)])
-    1
-    ```
-    """
-    if not gains:
-        raise ValueError("no held-out gains to choose from")
-    best = max(gains, key=lambda gain: gain.mean)
-    return next(i for i, gain in enumerate(gains) if gain.mean >= best.mean - best.standard_error)
-
-
 @dataclass
 class Fit:
     """How [`fit_head`] went: the training `curve` (one entry per step), the held-out `evaluations` (step 0 is the
@@ -371,7 +340,7 @@ def fit_head(
 def choose_scale(
     head: CorrectionHead, heldout: Points, embedding: torch.Tensor, settings: TrainSettings,
     heldout_groups: torch.Tensor | None = None,
-) -> dict[float, HeldoutGain]:
+) -> dict[float, Estimate]:
     """Set `head.scale` to the smallest strength in `settings.scales` whose held-out gain is within one standard
     error of the best ([`select_within_one_se`]; 1.0 when there are no held-out points) and return the held-out
     gain of each strength tried (`heldout_groups` as for [`fit_head`])."""
@@ -396,8 +365,8 @@ def _evaluate(head: CorrectionHead, heldout: Points, embedding: torch.Tensor, se
                              gain.standard_error)
 
 
-def problem_gain(point_gain: torch.Tensor, groups: torch.Tensor | None) -> HeldoutGain:
-    """[`HeldoutGain`] of per-point gains grouped by problem (`groups[i]` the problem of point i; `None`: each point
+def problem_gain(point_gain: torch.Tensor, groups: torch.Tensor | None) -> Estimate:
+    """[`Estimate`] of per-point gains grouped by problem (`groups[i]` the problem of point i; `None`: each point
     its own problem)."""
     if groups is None:
         groups = torch.arange(len(point_gain), device=point_gain.device)
@@ -407,7 +376,7 @@ def problem_gain(point_gain: torch.Tensor, groups: torch.Tensor | None) -> Heldo
     sizes = torch.bincount(index, minlength=count).double()
     means = sums / sizes
     error = float(means.std() / math.sqrt(count)) if count > 1 else 0.0
-    return HeldoutGain(float(means.mean()), error)
+    return Estimate(float(means.mean()), error)
 
 
 def _fingerprint_data(folder: RolloutFolder) -> dict[str, str]:

@@ -503,3 +503,26 @@ def test_eval_engine_vllm_matches_hf(tmp_path):
     assert outputs["vllm"] == outputs["hf"], "completions or their per-sequence steering counts differ"
     assert any(outputs["hf"][p, "steered"][0] != outputs["hf"][p, "base"][0] for p, _ in outputs["hf"])
     assert all(outputs["hf"][p, "steered"][1] > 0 for p, _ in outputs["hf"])
+
+
+def test_tune_engine_vllm_matches_hf(tmp_path):
+    """`steer tune --engine vllm` sets one steered engine's strength per arm: every strength's decodes equal the
+    transformers engine's."""
+    folder = tmp_path
+    model, tokenizer = save_model(folder / "model", "llama")
+    planted_head(model, folder / "head")
+    data = folder / "toy.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "question": q, "answer": "4"}) + "\n"
+                            for i, q in enumerate(PROMPTS)))
+    outputs = {}
+    for engine in ("hf", "vllm"):
+        args = ["tune", "-m", str(folder / "model"), "-d", str(data), "-o", str(folder / engine), "--head",
+                str(folder / "head"), "--max-new-tokens", str(NEW_TOKENS), "--instruction", "", "--scales",
+                "0.25,1", "--engine", engine, "--dtype", "float32", "--json"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        records = [json.loads(line) for line in (folder / engine / "predictions.jsonl").read_text().splitlines()]
+        outputs[engine] = {(r["problem_id"], r["arm"]): r["completion"] for r in records}
+    assert outputs["vllm"] == outputs["hf"]
+    assert {arm for _, arm in outputs["hf"]} == {"base", "x0.25", "x1"}
+    assert any(outputs["hf"][p, "x1"] != outputs["hf"][p, "x0.25"] for p, _ in outputs["hf"]), "strengths agree"

@@ -148,3 +148,20 @@ def test_the_verdict_is_plain_about_a_head_that_hurts():
     assert "significantly" in PairedTest("mcnemar", 100, -0.2, 0.001).verdict()
     assert "helped" in PairedTest("mcnemar", 100, 0.2, 0.001).verdict()
     assert "noise" in PairedTest("mcnemar", 100, 0.03, 0.45).verdict()
+
+
+def test_tune_from_the_command_line_switches_off_a_head_that_changes_nothing(world_files, tmp_path):
+    """A head that adds zero decodes as the base model at every strength: no strength beats base by a standard
+    error, so `steer tune` keeps strength 0 and says so; the strengths' decodes are in OUT like `steer eval`'s."""
+    data, head = world_files
+    args = ["tune", "-m", str(world.model_path()), "--head", str(head), "-d", f"world={data}", "-o",
+            str(tmp_path / "tune"), "--max-new-tokens", "60", "--instruction", "", "--scales", "1,4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "switched off" in result.output and "x4" in result.output
+    tuned = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout.strip().splitlines()[-1])
+    assert tuned["scale"] == 0.0 and [o["scale"] for o in tuned["outcomes"]] == [0.0, 1.0, 4.0]
+    assert len({o["accuracy"] for o in tuned["outcomes"]}) == 1
+    arms = {key[2] for key in predictions(tmp_path / "tune")}
+    assert arms == {"base", "x1", "x4"}
+    assert CorrectionHead.from_pretrained(tmp_path / "tune" / "head").scale == 0.0

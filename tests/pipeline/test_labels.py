@@ -4,6 +4,8 @@ and a head trained on them must make greedy decoding choose "7"."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -15,6 +17,8 @@ from steer.pipeline.problems import Problem
 from steer.pipeline.rollout import RolloutSettings, run_rollouts
 from steer.pipeline.scoring import ScoreSettings, score_rollouts
 from steer.pipeline.training import TrainSettings, train_head
+from steer.pipeline.tuning import tune_strength
+from steer.settings import TuneSettings
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +46,16 @@ def test_branch_labels_give_each_candidate_its_own_success(labelled, tokenizer):
     assert all(position == 5 for _, _, position in success) and five != tokenizer.convert_tokens_to_ids("7")
 
 
-def test_a_head_trained_on_branch_labels_takes_the_better_branch(labelled, planted_choice, tokenizer):
+@pytest.fixture(scope="module")
+def branch_head(labelled, planted_choice):
     folder, _ = labelled
     settings = TrainSettings(labels="branches", tau=0.05, top_k=2, rank=4, steps=60, warmup_steps=5, lr=0.05,
                              eval_every=10, rollouts_per_step=16, kl_weight=0.0, keep_shortest=1.0)
-    result = train_head(planted_choice, folder, settings, progress=False)
+    return train_head(planted_choice, folder, settings, progress=False)
+
+
+def test_a_head_trained_on_branch_labels_takes_the_better_branch(branch_head, planted_choice, tokenizer):
+    result = branch_head
     assert result.record.settings.labels == "branches" and result.record.pool.train_points > 0
     prompt = tokenizer("<|user|>Count 9<|assistant|>", add_special_tokens=False, return_tensors="pt")
     plain = planted_choice.generate(**prompt, do_sample=False, max_new_tokens=12)
@@ -54,3 +63,26 @@ def test_a_head_trained_on_branch_labels_takes_the_better_branch(labelled, plant
     decode = lambda ids: tokenizer.decode(ids[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)  # noqa: E731
     assert (decode(plain), decode(steered)) == ("123456", "123457")
     assert torch.isfinite(torch.tensor([step.loss for step in result.record.curve])).all()
+
+
+def test_tuning_keeps_the_smallest_strength_that_decodes_as_well_as_the_best(branch_head, planted_choice,
+                                                                              tokenizer, tmp_path):
+    """Held-out problems decoded at each strength: too weak a head still answers 123456 (wrong), the trained
+    strength and four times it answer 123457; the smaller of those is kept. A head that never helps is switched
+    off (strength 0, the base model)."""
+    head = branch_head.head
+    problems = {"planted": [Problem(f"q{i}", f"Count {i}", "123457", "planted") for i in range(4)]}
+    weak = head.scale * 1e-3
+    settings = TuneSettings(scales=(4 * head.scale, head.scale, weak), batch_size=8, instruction="",
+                            decoding=DecodingSettings(temperature=0.0, max_new_tokens=12))
+    result = tune_strength(planted_choice, tokenizer, head, problems, tmp_path / "tune", settings, progress=False)
+    accuracy = {o.scale: o.accuracy for o in result.outcomes}
+    assert accuracy == {0.0: 0.0, weak: 0.0, head.scale: 1.0, 4 * head.scale: 1.0}
+    assert [o.scale for o in result.outcomes] == [0.0, weak, head.scale, 4 * head.scale]
+    assert result.scale == head.scale and not result.switched_off
+    assert steer.CorrectionHead.from_pretrained(tmp_path / "tune" / "head").scale == head.scale
+    assert json.loads((tmp_path / "tune" / "tune.json").read_text())["scale"] == head.scale
+    off = tune_strength(planted_choice, tokenizer, head, problems, tmp_path / "off",
+                        TuneSettings(scales=(weak,), batch_size=8, instruction="", decoding=settings.decoding),
+                        progress=False)
+    assert off.switched_off and steer.CorrectionHead.from_pretrained(tmp_path / "off" / "head").scale == 0.0

@@ -13,7 +13,7 @@ from steer.pipeline.objective import MASKED, DecisionBatch, Losses, contrastive_
 from steer.pipeline.pool import NoContrastError, select_pool
 from steer.pipeline.training import (
     HELDOUT_PROBLEMS_WARNING,
-    HeldoutGain,
+    Estimate,
     TrainSettings,
     _schedule,
     choose_scale,
@@ -208,10 +208,10 @@ def test_strength_is_chosen_by_held_out_gain(seed):
 
 
 def test_one_standard_error_rule_keeps_the_simplest_choice_the_data_cannot_tell_from_the_best():
-    assert select_within_one_se([HeldoutGain(0.0, 0.0), HeldoutGain(0.05, 0.01), HeldoutGain(0.055, 0.01)]) == 1
-    assert select_within_one_se([HeldoutGain(0.0, 0.0), HeldoutGain(0.01, 0.02), HeldoutGain(0.03, 0.04)]) == 0
-    assert select_within_one_se([HeldoutGain(-0.1, 0.0), HeldoutGain(0.2, 0.01), HeldoutGain(0.1, 0.05)]) == 1
-    with pytest.raises(ValueError, match="no held-out gains"):
+    assert select_within_one_se([Estimate(0.0, 0.0), Estimate(0.05, 0.01), Estimate(0.055, 0.01)]) == 1
+    assert select_within_one_se([Estimate(0.0, 0.0), Estimate(0.01, 0.02), Estimate(0.03, 0.04)]) == 0
+    assert select_within_one_se([Estimate(-0.1, 0.0), Estimate(0.2, 0.01), Estimate(0.1, 0.05)]) == 1
+    with pytest.raises(ValueError, match="no held-out estimates"):
         select_within_one_se([])
 
 

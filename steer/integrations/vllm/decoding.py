@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
-from steer.integrations.vllm import SEQUENCE_KEY, set_steering
+from steer.integrations.vllm import SEQUENCE_KEY, set_steering, set_strength
 from steer.pipeline.decoding import Completion
 from steer.pipeline.distributed import Workers
 from steer.settings import DecodingSettings
@@ -39,6 +39,8 @@ class VllmDecoder:
         steered (`bool`, *optional*): steering on or off for this decoder's batches; `None` leaves the engine as is.
         extra_args (`dict`, *optional*): added to every request's `SamplingParams.extra_args`, where the engine's
             custom logits processors read per-request settings.
+        strength (`float`, *optional*): the head's strength for this decoder's batches (a steered engine's
+            [`set_strength`]); `None` leaves the engine's as is.
     """
 
     llm: LLM
@@ -46,6 +48,7 @@ class VllmDecoder:
     name_or_path: str
     steered: bool | None = None
     extra_args: dict[str, Any] | None = None
+    strength: float | None = None
 
     def decode(self, prompt_ids: Sequence[Sequence[int]], settings: DecodingSettings,
                seeds: Sequence[int]) -> list[Completion]:
@@ -54,6 +57,8 @@ class VllmDecoder:
 
         if self.steered is not None:
             set_steering(self.llm, self.steered)
+        if self.strength is not None:
+            set_strength(self.llm, self.strength)
         greedy = settings.temperature == 0
         keys = [f"{uuid.uuid4().hex}-{i}" for i in range(len(prompt_ids))] if self.steered else None
         params = [SamplingParams(temperature=0.0 if greedy else settings.temperature,
