@@ -35,9 +35,11 @@ def random_logits(batch: int, vocab: int, dtype: torch.dtype, generator: torch.G
     x = torch.randn(batch, vocab, generator=generator, dtype=torch.float64) * 3
     coarse = torch.rand(batch, vocab, generator=generator) < 0.3
     x = torch.where(coarse, (x * 2).round() / 2, x)
-    x[torch.rand(batch, vocab, generator=generator) < 0.1] = float("-inf")
+    masked = torch.rand(batch, vocab, generator=generator) < 0.1
     if batch > 1:
-        x[1, 3:] = float("-inf")
+        masked[1, :3] = False  # the three survivors of row 1 stay finite (a row of only -inf is tested apart)
+        masked[1, 3:] = True
+    x[masked] = float("-inf")
     top = x.max(dim=-1, keepdim=True).values
     x.scatter_(-1, torch.randint(vocab, (batch, 2), generator=generator), top.expand(-1, 2))
     return x.to(dtype).to(DEVICE)
