@@ -143,6 +143,59 @@ def head_runs(out: Path, parameters: int, steps: int = TrainSettings.steps) -> d
     return heads
 
 
+@dataclass(frozen=True)
+class RolloutStatistics:
+    """What the rollouts under a run hold: how many, their mean reward, the problems with both right and wrong
+    rollouts (what a pool draws from), the fraction cut by the token budget, and the median completion length."""
+
+    rollouts: int
+    problems: int
+    mean_reward: float
+    mixed_problems: int
+    truncated: float
+    median_tokens: float
+
+    @classmethod
+    def of(cls, out: Path) -> RolloutStatistics:
+        records = RolloutFolder(out / "rollouts").read_records()
+        rewards: dict[str, list[float]] = {}
+        for r in records:
+            rewards.setdefault(r.problem_id, []).append(r.reward)
+        lengths = sorted(len(r.completion_ids) for r in records)
+        return cls(rollouts=len(records), problems=len(rewards),
+                   mean_reward=sum(r.reward for r in records) / len(records),
+                   mixed_problems=sum(0 < sum(v) < len(v) for v in rewards.values()),
+                   truncated=sum(r.finish_reason == "length" for r in records) / len(records),
+                   median_tokens=float(lengths[len(lengths) // 2]))
+
+
+@dataclass(frozen=True)
+class HeldOutCurve:
+    """A head's training read on its held-out problems: their count and decision points, the policy loss of the
+    untrained head (the base model's), the step and loss where it was lowest, the step and strength selection kept
+    and the loss there, and the loss at the last step. A head that generalises has a best loss below the base's."""
+
+    problems: int
+    points: int
+    base_loss: float
+    best_step: int
+    best_loss: float
+    selected_step: int
+    selected_loss: float
+    scale: float
+    last_loss: float
+
+    @classmethod
+    def of(cls, folder: Path) -> HeldOutCurve:
+        training = json.loads((folder / TRAINING_FILE).read_text())
+        curve = {e["step"]: e["policy"] for e in training["heldout"]}
+        best = min(curve, key=curve.__getitem__)
+        selected = training["selected_step"]
+        return cls(problems=len(training["pool"]["heldout_problems"]), points=training["pool"]["heldout_points"],
+                   base_loss=curve[0], best_step=best, best_loss=curve[best], selected_step=selected,
+                   selected_loss=curve[selected], scale=training["scale"], last_loss=curve[max(curve)])
+
+
 def rollout_cost(out: Path, parameters: int) -> tuple[float, int, float]:
     """What the rollouts and their scoring under `out` cost, which every method trained on them shares: seconds,
     tokens (generated, then scored) and FLOPs."""

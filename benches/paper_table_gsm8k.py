@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from heads import Stages, head_runs, make_heads, rollout_cost
+from heads import HeldOutCurve, RolloutStatistics, Stages, head_runs, make_heads, rollout_cost
 from paper_table_real import required_samples
 
 from steer.files import atomic_write_json, atomic_write_text
@@ -109,6 +109,9 @@ class ArmSpec:
     @property
     def slug(self) -> str:
         return self.name.replace(" ", "-")
+
+
+ARMS = ("base", "advantage head", "branch head", "gate", "lora")
 
 
 def arm_specs(setup: Setup) -> dict[str, ArmSpec]:
@@ -286,9 +289,10 @@ def table_record(setup: Setup) -> dict:
         if mode == "sampled" and gate:
             first = [r for r in found if r.sample == 0 and r.arm == "base"] + gate
             rows["one sample"] = arm_rows(summarize(first, 1), "test")
+    runs = head_runs(setup.out / "heads", parameters)
     compute = {name: {"flops": run.flops, "seconds": run.seconds, "tokens": run.tokens, "tau": run.head.tau,
                       "scale": run.head.scale}
-               for name, run in head_runs(setup.out / "heads", parameters).items()}
+               for name, run in runs.items()}
     lora = setup.out / "lora" / "lora.json"
     if lora.exists():
         trained = json.loads(lora.read_text())
@@ -301,13 +305,17 @@ def table_record(setup: Setup) -> dict:
         if selected.exists():
             compute["lora"]["selected"] = json.loads(selected.read_text())
     power = setup.out / "pilot" / "power.json"
+    rollouts = setup.out / "heads" / "rollouts"
+    heads = {name: asdict(HeldOutCurve.of(run.path)) for name, run in runs.items()}
     return {
         "command": "python benches/paper_table_gsm8k.py --stage table",
         "model": setup.model, "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
         "problems": {"train": len(train), "validation": len(validation), "test": len(test)},
         "settings": {k: str(v) for k, v in asdict(setup).items()},
         "power": json.loads(power.read_text()) if power.exists() else None,
-        "rows": rows, "compute": compute,
+        "rows": rows, "compute": compute, "heads": heads,
+        "rollouts": asdict(RolloutStatistics.of(setup.out / "heads")) if rollouts.exists() else None,
+        "not_run": [arm for arm in ARMS if not any(arm in mode_rows for mode_rows in rows.values())],
     }
 
 
@@ -352,6 +360,24 @@ def markdown(record: dict) -> str:
             lines.append(f"| {arm} | {row['accuracy']:.3f} | {diff} | {p} | {row['truncated']:.1%} | "
                          f"{row['gated_fraction']:.1%} | {row['changed_fraction']:.1%} |")
         lines.append("")
+    if record["rollouts"]:
+        r = record["rollouts"]
+        lines += ["## Rollouts", "", f"{r['rollouts']} rollouts of {r['problems']} train problems at T 0.6: mean "
+                  f"reward {r['mean_reward']:.3f}, {r['mixed_problems']} problems with right and wrong rollouts, "
+                  f"{r['truncated']:.1%} truncated, median {r['median_tokens']:.0f} tokens.", ""]
+    if record["heads"]:
+        lines += ["## The heads on their held-out problems (policy loss; step 0 is the base model)", "",
+                  "| head | problems | points | base | best (step) | kept (step, strength) | last |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {h['problems']} | {h['points']} | {h['base_loss']:.4f} | {h['best_loss']:.4f} "
+                  f"({h['best_step']}) | {h['selected_loss']:.4f} ({h['selected_step']}, x{h['scale']:g}) | "
+                  f"{h['last_loss']:.4f} |" for name, h in record["heads"].items()]
+        lines.append("")
+    if record["not_run"]:
+        lines += [f"Not run yet: {', '.join(record['not_run'])}. GRPO does not fit this machine's budget (see "
+                  "docs/benchmarks.md); published context, never a paired arm: SimpleRL-Zoo's Qwen2.5-0.5B, "
+                  "GSM8K 36.7 -> 49.5.",
+                  ""]
     if record["compute"]:
         lines += ["## Compute", "", "| arm | FLOPs | wall seconds (2 cores) |", "|---|---|---|"]
         lines += [f"| {arm} | {c['flops']:.3g} | {c['seconds']:.0f} |" for arm, c in record["compute"].items()]
