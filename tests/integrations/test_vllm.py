@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -484,13 +485,19 @@ def test_serve_under_mixed_load_loses_nothing(server):
     assert send(port, LoadRequest({"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 2})).status == 200
 
 
-def test_eval_engine_vllm_matches_hf(tmp_path):
-    folder = tmp_path
-    model, tokenizer = save_model(folder / "model", "llama")
+def planted_toy_run(folder: Path) -> Path:
+    """A tiny Llama in `folder/model`, a planted head in `folder/head`, the prompts as a benchmark file (returned)."""
+    model, _ = save_model(folder / "model", "llama")
     planted_head(model, folder / "head")
     data = folder / "toy.jsonl"
     data.write_text("".join(json.dumps({"id": f"p{i}", "question": q, "answer": "4"}) + "\n"
                             for i, q in enumerate(PROMPTS)))
+    return data
+
+
+def test_eval_engine_vllm_matches_hf(tmp_path):
+    folder = tmp_path
+    data = planted_toy_run(folder)
     outputs = {}
     for engine in ("hf", "vllm"):
         args = ["eval", "-m", str(folder / "model"), "-d", str(data), "-o", str(folder / engine), "--head",
@@ -509,11 +516,7 @@ def test_tune_engine_vllm_matches_hf(tmp_path):
     """`steer tune --engine vllm` sets one steered engine's strength per arm: every strength's decodes equal the
     transformers engine's."""
     folder = tmp_path
-    model, tokenizer = save_model(folder / "model", "llama")
-    planted_head(model, folder / "head")
-    data = folder / "toy.jsonl"
-    data.write_text("".join(json.dumps({"id": f"p{i}", "question": q, "answer": "4"}) + "\n"
-                            for i, q in enumerate(PROMPTS)))
+    data = planted_toy_run(folder)
     outputs = {}
     for engine in ("hf", "vllm"):
         args = ["tune", "-m", str(folder / "model"), "-d", str(data), "-o", str(folder / engine), "--head",
