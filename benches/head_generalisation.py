@@ -15,7 +15,8 @@ top-1's continuation succeeds, how often the best candidate's does (the oracle),
 and whether a linear probe on the hidden state, cross-validated over the same folds, picks a better candidate than
 the base top-1.
 
-Writes `benches/results/generalisation-<model>.json`.
+Writes `benches/results/generalisation-<model>.json`, keeping the variants an earlier run on the same pool (same tau
+and folds) recorded there.
 """
 
 from __future__ import annotations
@@ -199,8 +200,12 @@ def main() -> None:
     folds = folds_of(problem_ids, args.folds, args.seed)
     labels = LabelFolder.of(folder.path)
     has_labels = labels.records_path.exists()
+    out = ROOT / "results" / f"generalisation-{Path(args.model).name}.json"
+    earlier = json.loads(out.read_text()) if out.exists() else {}
+    same_run = earlier.get("tau") == tau and earlier.get("folds") == args.folds
     record = {"command": " ".join(["python benches/head_generalisation.py", *sys.argv[1:]]),
-              "tau": tau, "pool_problems": len(problem_ids), "folds": args.folds, "variants": {}}
+              "tau": tau, "pool_problems": len(problem_ids), "folds": args.folds,
+              "variants": earlier.get("variants", {}) if same_run else {}}  # other variants of the same run stay
     for name in args.variants.split(","):
         settings = replace(defaults, **VARIANTS[name])
         if settings.labels == "branches":
@@ -221,7 +226,6 @@ def main() -> None:
         points = branch_batch(features, labels.success(), tau, defaults.top_k)
         record["branch_signal"] = branch_signal(points, rollout_problem[points.rollout], problem_ids, folds)
         print(json.dumps(record["branch_signal"], indent=1))
-    out = ROOT / "results" / f"generalisation-{Path(args.model).name}.json"
     atomic_write_json(out, record)
     print(f"wrote {out}")
 

@@ -30,6 +30,7 @@ from steer.pipeline.decoding import Decoder
 from steer.pipeline.folders.labels import LabelFolder
 from steer.pipeline.folders.rollouts import RolloutFolder, RolloutRecord, sequence_length
 from steer.pipeline.labels import label_branches
+from steer.pipeline.metrics import Estimate, select_within_one_se
 from steer.pipeline.problems import Problem
 from steer.pipeline.rollout import run_rollouts
 from steer.pipeline.scoring import score_rollouts
@@ -173,7 +174,10 @@ class RolloutStatistics:
 class HeldOutCurve:
     """A head's training read on its held-out problems: their count and decision points, the policy loss of the
     untrained head (the base model's), the step and loss where it was lowest, the step and strength selection kept
-    and the loss there, and the loss at the last step. A head that generalises has a best loss below the base's."""
+    and the loss there, and the loss at the last step. A head that generalises has a best loss below the base's.
+    `null_margin` is the margin the head was selected with (absent from heads trained before it existed: one
+    standard error), and `kept_by_null_margin` the step the library's rule keeps now, from the same curve: the kept
+    head itself, or step 0 (the untrained head, which decodes as the base model)."""
 
     problems: int
     points: int
@@ -184,6 +188,8 @@ class HeldOutCurve:
     selected_loss: float
     scale: float
     last_loss: float
+    null_margin: float | None
+    kept_by_null_margin: int
 
     @classmethod
     def of(cls, folder: Path) -> HeldOutCurve:
@@ -191,9 +197,12 @@ class HeldOutCurve:
         curve = {e["step"]: e["policy"] for e in training["heldout"]}
         best = min(curve, key=curve.__getitem__)
         selected = training["selected_step"]
+        gains = [Estimate(e["gain"], e["gain_se"]) for e in training["heldout"]]
+        kept = training["heldout"][select_within_one_se(gains, TrainSettings.null_margin)]["step"]
         return cls(problems=len(training["pool"]["heldout_problems"]), points=training["pool"]["heldout_points"],
                    base_loss=curve[0], best_step=best, best_loss=curve[best], selected_step=selected,
-                   selected_loss=curve[selected], scale=training["scale"], last_loss=curve[max(curve)])
+                   selected_loss=curve[selected], scale=training["scale"], last_loss=curve[max(curve)],
+                   null_margin=training["settings"].get("null_margin"), kept_by_null_margin=kept)
 
 
 def rollout_cost(out: Path, parameters: int) -> tuple[float, int, float]:

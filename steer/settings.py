@@ -158,6 +158,10 @@ class TrainSettings(GateSettings):
         lr (`float`, defaults to 3e-3), steps (`int`, defaults to 150), warmup_steps (`int`, defaults to 50),
             rollouts_per_step (`int`, defaults to 8), grad_clip (`float`, defaults to 1.0): AdamW schedule.
         heldout_fraction (`float`, defaults to 0.2): share of pool problems held out to choose the checkpoint.
+        null_margin (`float`, defaults to 2.0): the untrained head (which changes nothing) is kept unless the best
+            checkpoint's held-out gain is this many standard errors above zero; among trained checkpoints the
+            earliest within one standard error of the best is kept (see
+            [`steer.pipeline.metrics.select_within_one_se`]).
         scales (`tuple[float, ...]`, defaults to `(0.5, 1, 2, 4, 8)`): the correction strengths tried after training;
             the head keeps the smallest whose held-out gain is within one standard error of the best (as it keeps
             the earliest such checkpoint; see [`steer.pipeline.metrics.select_within_one_se`]). `(1.0,)` keeps the
@@ -182,6 +186,7 @@ class TrainSettings(GateSettings):
     rollouts_per_step: int = 8
     grad_clip: float = 1.0
     heldout_fraction: float = 0.2
+    null_margin: float = 2.0
     scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     eval_every: int = 10
     objective: ObjectiveName = "unlikelihood"

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steer.files import atomic_write_json
 from steer.functional import entropy_topk
+from steer.pipeline.decoding import Decoder
 from steer.pipeline.folders.rollouts import RolloutFolder, TokenSequence, sequence_length
 from steer.pipeline.problems import Problem
 from steer.pipeline.progress import ThroughputBar
@@ -285,6 +286,7 @@ def footprint(
     out_dir: str | os.PathLike,
     settings: FootprintSettings = FootprintSettings(),
     *,
+    sampler: PreTrainedModel | Decoder | None = None,
     progress: bool = True,
 ) -> FootprintResult:
     """Sample the RL model's completions on `problems`, compare the two models on them, and write the report.
@@ -294,13 +296,16 @@ def footprint(
         problems (`Sequence[Problem]`): the problems whose completions are compared.
         out_dir (`str` or `os.PathLike`): the run's folder (see the module docstring); sampling resumes there.
         settings ([`FootprintSettings`]): sampling, batch size and the tau grid.
+        sampler (`PreTrainedModel` or [`Decoder`], *optional*): what samples the completions: `rl` by default, or
+            an engine that decodes with the RL model's weights (a vLLM decoder samples far faster than `generate`).
         progress (`bool`, defaults to `True`): show progress bars.
 
     Returns:
         [`FootprintResult`], also written to `out_dir/footprint.json`.
     """
     out = Path(out_dir)
-    run_rollouts(rl, tokenizer, problems, out / "rollouts", settings.rollouts, progress=progress)
+    run_rollouts(rl if sampler is None else sampler, tokenizer, problems, out / "rollouts", settings.rollouts,
+                 progress=progress)
     wanted = {problem.id for problem in problems}  # the store may hold other problems from an earlier run
     rollouts = [r for r in RolloutFolder(out / "rollouts").read_records() if r.problem_id in wanted]
     positions = compare_positions(base, rl, rollouts, settings.max_batch_tokens, progress)

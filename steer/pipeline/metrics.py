@@ -84,7 +84,7 @@ class Estimate:
     standard_error: float
 
 
-def select_within_one_se(estimates: Sequence[Estimate]) -> int:
+def select_within_one_se(estimates: Sequence[Estimate], null_margin: float | None = None) -> int:
     """The one-standard-error rule: the index of the first of `estimates` (ordered from the simplest choice: the
     earliest checkpoint, the smallest strength) whose mean is at least the best mean less the best's standard
     error.
@@ -93,16 +93,27 @@ def select_within_one_se(estimates: Sequence[Estimate]) -> int:
     the largest held-out gain kept strength x8 on 4 held-out problems, and the head then changed 70% of the steps it
     gated. A simpler choice that the data cannot tell from the best is kept instead.
 
+    With `null_margin`, `estimates[0]` is the choice that changes nothing (the untrained head), and it is kept unless
+    the best mean exceeds its mean by `null_margin` of the best's standard errors: the best of many noisy checkpoints
+    is biased upwards, and one standard error let a head whose held-out gain did not carry to new problems steer (on
+    GSM8K, Qwen2.5-Coder-0.5B: best +0.021 +- 0.0165 on 10 held-out problems, +0.006 +- 0.0035 over five folds).
+
     Example:
 
     ```python
     >>> select_within_one_se([Estimate(0.0, 0.0), Estimate(0.02, 0.01), Estimate(0.025, 0.01)])
     1
+    >>> select_within_one_se([Estimate(0.0, 0.0), Estimate(0.02, 0.01), Estimate(0.025, 0.01)], null_margin=2.0)
+    1
+    >>> select_within_one_se([Estimate(0.0, 0.0), Estimate(0.02, 0.01), Estimate(0.015, 0.01)], null_margin=2.0)
+    0
     ```
     """
     if not estimates:
         raise ValueError("no held-out estimates to choose from")
     best = max(estimates, key=lambda estimate: estimate.mean)
+    if null_margin is not None and best.mean - null_margin * best.standard_error <= estimates[0].mean:
+        return 0
     return next(i for i, estimate in enumerate(estimates) if estimate.mean >= best.mean - best.standard_error)
 
 

@@ -2,9 +2,10 @@
 
 The objective (:mod:`steer.pipeline.objective`) is the ReasonMaxxer recipe's advantage-weighted contrastive loss,
 restricted to the base top-k candidates. The checkpoint, then the correction's strength, are chosen on held-out
-problems by the one-standard-error rule ([`select_within_one_se`]): the earliest checkpoint (the untrained head,
-which changes nothing, included) and then the smallest strength whose held-out gain is within one standard error of
-the best. It reads the cached features of `steer score`; it never runs the model."""
+problems by the one-standard-error rule ([`select_within_one_se`]): the earliest checkpoint whose held-out gain is
+within one standard error of the best, and then the smallest such strength. The untrained head, which changes
+nothing, is kept unless the best held-out gain is `null_margin` (2) standard errors above zero. It reads the cached
+features of `steer score`; it never runs the model."""
 
 from __future__ import annotations
 
@@ -217,7 +218,7 @@ def train_head(
         scale_gain_errors={str(scale): gain.standard_error for scale, gain in scale_gains.items()},
         seconds=time.perf_counter() - start,
         warnings=(gate_warnings(features, tau) + selection_warnings(len(heldout_problems), len(heldout))
-                  + untrained_warnings(fit.selected_step, len(heldout))),
+                  + untrained_warnings(fit.selected_step, len(heldout), settings.null_margin)),
     )
     return TrainResult(head, record)
 
@@ -243,13 +244,13 @@ def selection_warnings(problems: int, points: int) -> list[str]:
             f"--heldout-fraction"]
 
 
-def untrained_warnings(selected_step: int, heldout_points: int) -> list[str]:
-    """A warning when no checkpoint's held-out gain was one standard error above the untrained head's."""
+def untrained_warnings(selected_step: int, heldout_points: int, null_margin: float) -> list[str]:
+    """A warning when no checkpoint's held-out gain was `null_margin` standard errors above the untrained head's."""
     if selected_step > 0 or heldout_points == 0:
         return []
-    return ["no checkpoint's held-out gain was one standard error above that of the untrained head, which changes "
-            "nothing: the head keeps its untrained weights and decodes as the base model (more rollouts, more "
-            "held-out problems or branch labels may give it a signal to learn)"]
+    return [f"no checkpoint's held-out gain was {null_margin:g} standard errors above that of the untrained head, "
+            "which changes nothing: the head keeps its untrained weights and decodes as the base model (more "
+            "rollouts, more held-out problems or branch labels may give it a signal to learn)"]
 
 
 def _heldout_problems(pool: Pool, settings: TrainSettings) -> set[str]:
@@ -332,7 +333,7 @@ def fit_head(
     head.eval()
     if not len(heldout):
         return Fit(curve, evaluations, settings.steps)
-    chosen = select_within_one_se([e.held_out_gain for e in evaluations])
+    chosen = select_within_one_se([e.held_out_gain for e in evaluations], settings.null_margin)
     head.load_state_dict(states[chosen])
     return Fit(curve, evaluations, evaluations[chosen].step, states)
 

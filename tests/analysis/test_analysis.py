@@ -127,6 +127,37 @@ def test_footprint_finds_exactly_the_planted_positions(planted, digits, tokenize
     assert json.loads((tmp_path / "footprint.json").read_text())["report"]["differing"] == int(expected.sum())
 
 
+class RecordingDecoder:
+    """A [`Decoder`] that samples with a transformers model and counts its calls."""
+
+    name_or_path = "recording-sampler"
+
+    def __init__(self, model, tokenizer) -> None:
+        self.model, self.tokenizer, self.calls = model, tokenizer, 0
+
+    def decode(self, prompt_ids, settings, seeds):
+        self.calls += 1
+        return decode_batch(self.model, self.tokenizer, prompt_ids, settings, seeds[0])
+
+    def run_settings(self):
+        return {"engine": "recording"}
+
+
+def test_footprint_compares_the_samplers_completions(planted, tokenizer, problems, tmp_path):
+    """With `sampler` (an engine that decodes with the RL model's weights, vLLM in practice) the completions come
+    from it, and both models are teacher-forced on exactly those."""
+    base, rl = planted
+    sampler = RecordingDecoder(rl, tokenizer)
+    settings = FootprintSettings(
+        rollouts=RolloutSettings(samples=2, batch_size=4, decoding=DecodingSettings(1.0, 1.0, max_new_tokens=24)))
+    report = footprint(base, rl, tokenizer, problems, tmp_path, settings, sampler=sampler, progress=False).report
+    stored = json.loads((tmp_path / "rollouts" / "rollouts.settings.json").read_text())
+    rollouts = RolloutFolder(tmp_path / "rollouts").read_records()
+    assert sampler.calls > 0 and stored["model"] == "recording-sampler" and stored["engine"] == "recording"
+    assert len(rollouts) == 2 * len(problems)
+    assert report.positions == sum(len(r.completion_ids) for r in rollouts) > 0
+
+
 def test_footprint_report_counts_by_hand():
     positions = Positions(torch.tensor([0.1, 2.0, 0.3, 1.5, 3.0]), torch.tensor([False, True, False, False, True]),
                           torch.tensor([1, 3, 1, 1, 12]))
