@@ -15,8 +15,8 @@ top-1's continuation succeeds, how often the best candidate's does (the oracle),
 and whether a linear probe on the hidden state, cross-validated over the same folds, picks a better candidate than
 the base top-1.
 
-Writes `benches/results/generalisation-<model>.json`, keeping the variants an earlier run on the same pool (same tau
-and folds) recorded there.
+Writes `benches/results/generalisation-<model>.json`, keeping the variants (each with its command) and the branch
+signal that an earlier run on the same pool, folds and seed recorded there.
 """
 
 from __future__ import annotations
@@ -178,6 +178,15 @@ def branch_signal(points: BranchBatch, groups: torch.Tensor, problem_ids: list[s
     }
 
 
+def same_pool(earlier: dict, record: dict) -> bool:
+    """Whether an earlier results file was made on the same pool and folds (tau compared to float32 precision: it is
+    resolved from float32 entropies)."""
+    if not earlier or "pool" not in earlier:
+        return False
+    same = all(earlier.get(key) == record[key] for key in ("pool", "folds", "seed"))
+    return same and math.isclose(earlier["tau"], record["tau"], rel_tol=1e-6)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -201,11 +210,14 @@ def main() -> None:
     labels = LabelFolder.of(folder.path)
     has_labels = labels.records_path.exists()
     out = ROOT / "results" / f"generalisation-{Path(args.model).name}.json"
+    command = " ".join(["python benches/head_generalisation.py", *sys.argv[1:]])
+    record = {"tau": tau, "pool_problems": len(problem_ids), "folds": args.folds, "seed": args.seed,
+              "pool": problem_ids, "variants": {}}
     earlier = json.loads(out.read_text()) if out.exists() else {}
-    same_run = earlier.get("tau") == tau and earlier.get("folds") == args.folds
-    record = {"command": " ".join(["python benches/head_generalisation.py", *sys.argv[1:]]),
-              "tau": tau, "pool_problems": len(problem_ids), "folds": args.folds,
-              "variants": earlier.get("variants", {}) if same_run else {}}  # other variants of the same run stay
+    if same_pool(earlier, record):  # the variants and signal an earlier run on the same folds recorded stay
+        record["variants"] = earlier["variants"]
+        if "branch_signal" in earlier:
+            record["branch_signal"] = earlier["branch_signal"]
     for name in args.variants.split(","):
         settings = replace(defaults, **VARIANTS[name])
         if settings.labels == "branches":
@@ -216,7 +228,7 @@ def main() -> None:
             points = decision_batch(features, pool.advantages, tau, settings.top_k, settings.objective)
         groups = rollout_problem[points.rollout]
         curve = cross_validate(points, groups, problem_ids, folds, embedding, settings, hidden)
-        record["variants"][name] = {"settings": VARIANTS[name], "points": len(points),
+        record["variants"][name] = {"settings": VARIANTS[name], "points": len(points), "command": command,
                                     "checkpoints": [asdict(c) for c in curve]}
         best = max(curve, key=lambda c: c.gain)
         print(f"{name}: {len(points)} points; held-out gain at step {best.step}: {best.gain:+.4f} "

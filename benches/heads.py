@@ -175,9 +175,10 @@ class HeldOutCurve:
     """A head's training read on its held-out problems: their count and decision points, the policy loss of the
     untrained head (the base model's), the step and loss where it was lowest, the step and strength selection kept
     and the loss there, and the loss at the last step. A head that generalises has a best loss below the base's.
-    `null_margin` is the margin the head was selected with (absent from heads trained before it existed: one
-    standard error), and `kept_by_null_margin` the step the library's rule keeps now, from the same curve: the kept
-    head itself, or step 0 (the untrained head, which decodes as the base model)."""
+    `null_margin` is the margin the head was selected with (`None` for heads trained before it existed, which the
+    one-standard-error rule alone chose), and `kept_by_null_margin` the step the library's rule (its default margin
+    where none was recorded) keeps from the same curve: the kept head's step, or 0 (the untrained head, which decodes
+    as the base model)."""
 
     problems: int
     points: int
@@ -194,15 +195,20 @@ class HeldOutCurve:
     @classmethod
     def of(cls, folder: Path) -> HeldOutCurve:
         training = json.loads((folder / TRAINING_FILE).read_text())
+        if not training["heldout"]:
+            raise ValueError(f"{folder} was trained with no held-out problems: it has no held-out curve")
         curve = {e["step"]: e["policy"] for e in training["heldout"]}
         best = min(curve, key=curve.__getitem__)
         selected = training["selected_step"]
+        margin = training["settings"].get("null_margin")
         gains = [Estimate(e["gain"], e["gain_se"]) for e in training["heldout"]]
-        kept = training["heldout"][select_within_one_se(gains, TrainSettings.null_margin)]["step"]
+        rule = TrainSettings.null_margin if margin is None else margin
+        several = len(training["pool"]["heldout_problems"]) > 1  # one held-out problem gives no standard error
+        kept = training["heldout"][select_within_one_se(gains, rule)]["step"] if several else 0
         return cls(problems=len(training["pool"]["heldout_problems"]), points=training["pool"]["heldout_points"],
                    base_loss=curve[0], best_step=best, best_loss=curve[best], selected_step=selected,
                    selected_loss=curve[selected], scale=training["scale"], last_loss=curve[max(curve)],
-                   null_margin=training["settings"].get("null_margin"), kept_by_null_margin=kept)
+                   null_margin=margin, kept_by_null_margin=kept)
 
 
 def rollout_cost(out: Path, parameters: int) -> tuple[float, int, float]:

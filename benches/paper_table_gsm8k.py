@@ -21,7 +21,8 @@ engine.
 order, skipping what is done: greedy base, advantage head, branch head and LoRA; the power pilot (`--pilot-samples`
 at T 0.6 on the validation problems); avg@N at T 0.6 for base, the advantage head and the LoRA, and the gate alone
 (one sample, paired with base's sample 0); then renders. `--stage render` only renders. Every folder resumes in
-`benches/runs/gsm8k-<model>/`, and the heads' stage times are summed over the sittings that ran them.
+`benches/runs/gsm8k-<model>/`, and the heads' stage times are summed over the sittings that ran them. A head for
+which the library's rule keeps the untrained head (`TrainSettings.null_margin`) decodes as base: it is no arm.
 
 Writes `benches/results/paper_table_gsm8k.{md,json,png}`.
 """
@@ -117,19 +118,30 @@ ARMS = ("base", "advantage head", "branch head", "gate", "lora")
 
 
 def arm_specs(setup: Setup) -> dict[str, ArmSpec]:
-    """The arms whose inputs exist so far."""
+    """The arms whose inputs exist so far. A head whose held-out curve the library's rule answers with the untrained
+    head ([`untrained_heads`]) decodes as the base model and is no arm of its own."""
     heads = setup.out / "heads"
     arms = {"base": ArmSpec("base", setup.model)}
+    untrained = untrained_heads(setup)
     for name in ("advantage head", "branch head"):
-        if (heads / name.replace(" ", "-") / "config.json").exists():
+        if (heads / name.replace(" ", "-") / "config.json").exists() and name not in untrained:
             arms[name] = ArmSpec(name, setup.model, head=str(heads / name.replace(" ", "-")))
-    if "advantage head" in arms:
+    if (heads / "advantage-head" / "config.json").exists():  # the gate alone, at the default head's tau
         tau = json.loads((heads / "advantage-head" / "config.json").read_text())["tau"]
         arms["gate"] = ArmSpec("gate", setup.model, gate_tau=tau)
     selected = setup.out / "lora" / "selected.json"
     if selected.exists():
         arms["lora"] = ArmSpec("lora", json.loads(selected.read_text())["merged"])
     return arms
+
+
+def untrained_heads(setup: Setup) -> list[str]:
+    """The heads trained so far for which the library's rule (`TrainSettings.null_margin`) keeps the untrained head,
+    from their recorded held-out curves."""
+    heads = setup.out / "heads"
+    folders = {name: heads / name.replace(" ", "-") for name in ("advantage head", "branch head")}
+    return [name for name, folder in folders.items()
+            if (folder / "training.json").exists() and HeldOutCurve.of(folder).kept_by_null_margin == 0]
 
 
 def decode_arm(setup: Setup, arm: ArmSpec, mode: str, split: str) -> Path:
@@ -269,6 +281,7 @@ def stage_footprint(setup: Setup, argv: list[str]) -> None:
     lora, _ = load_model(arms["lora"].model, device="cpu", dtype=torch.float32)
     sampler, _ = vllm_decoders(arms["lora"].model, tokenizer, None, setup.dtype, setup.seed)
     report = footprint(base, lora, tokenizer, problems, out, settings, sampler=sampler).report
+    del sampler  # the intervention decodes in transformers; vLLM's engine is not needed there
     print(f"footprint: top-1 differs at {report.differ_fraction:.2%} of {report.positions} positions; "
           f"{report.verdict} ({report.reason})", flush=True)
     intervene(base, lora, tokenizer, {"test": problems}, setup.out / "intervention", setup.eval_settings(1, 0.0),
@@ -292,7 +305,11 @@ def stage_table(setup: Setup, argv: list[str], modes: tuple[str, ...] = MODES) -
 
 
 def stage_decode(setup: Setup, args: argparse.Namespace) -> None:
-    arm = (ArmSpec(args.arm, args.arm_model) if args.arm_model else arm_specs(setup)[args.arm])
+    arms = arm_specs(setup)
+    if not args.arm_model and args.arm not in arms:
+        raise SystemExit(f"no arm {args.arm!r} to decode (arms now: {', '.join(arms)}; a head the library's rule "
+                         "keeps untrained decodes as base and is none)")
+    arm = ArmSpec(args.arm, args.arm_model) if args.arm_model else arms[args.arm]
     print(f"decoded {decode_arm(setup, arm, args.mode, args.split)}", flush=True)
 
 
@@ -300,12 +317,11 @@ def stage_render(setup: Setup, argv: list[str]) -> None:
     record = table_record(setup)
     atomic_write_json(RESULTS / "paper_table_gsm8k.json", record)
     atomic_write_text(RESULTS / "paper_table_gsm8k.md", markdown(record))
-    plot(record, {name: run.path for name, run in head_runs(setup.out / "heads", 0).items()},
-         RESULTS / "paper_table_gsm8k.png")
+    plot(record, setup.out / "heads", RESULTS / "paper_table_gsm8k.png")
     print(markdown(record))
 
 
-def plot(record: dict, heads: dict[str, Path], path: Path) -> None:
+def plot(record: dict, heads: Path, path: Path) -> None:
     """Left: test accuracy of each arm decoded so far, with 95% intervals (greedy, and avg@N at T 0.6 where run).
     Right: each head's held-out policy loss less the untrained head's, by step (below 0: it generalises)."""
     import matplotlib
@@ -326,10 +342,10 @@ def plot(record: dict, heads: dict[str, Path], path: Path) -> None:
         left.bar(xs, values, width, yerr=errors, capsize=3, label="greedy" if mode == "greedy" else "avg@N, T 0.6")
     left.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(arms))],
                     [arm.replace(" head", "\nhead") for arm in arms])
-    left.set(ylabel=f"accuracy, {record['problems']['test']} GSM8K test problems", ylim=(0, 0.6))
+    left.set(ylabel=f"accuracy, {record['problems']['test']} GSM8K test problems", ylim=(0, None))
     left.legend()
-    for name, folder in heads.items():
-        heldout = json.loads((folder / "training.json").read_text())["heldout"]
+    for name in record["heads"]:
+        heldout = json.loads((heads / name.replace(" ", "-") / "training.json").read_text())["heldout"]
         right.plot([e["step"] for e in heldout], [e["policy"] - heldout[0]["policy"] for e in heldout], marker=".",
                    label=name)
     right.axhline(0, color="grey", lw=0.8)
@@ -356,6 +372,7 @@ def table_record(setup: Setup) -> dict:
             first = [r for r in found if r.sample == 0 and r.arm == "base"] + gate
             rows["one sample"] = arm_rows(summarize(first, 1), "test")
     runs = head_runs(setup.out / "heads", parameters)
+    untrained = untrained_heads(setup)
     compute = {name: {"flops": run.flops, "seconds": run.seconds, "tokens": run.tokens, "tau": run.head.tau,
                       "scale": run.head.scale}
                for name, run in runs.items()}
@@ -384,7 +401,9 @@ def table_record(setup: Setup) -> dict:
         "footprint": _footprint_figures(json.loads(fp.read_text())) if fp.exists() else None,
         "intervention": json.loads(iv.read_text()) if iv.exists() else None,
         "rollouts": asdict(RolloutStatistics.of(setup.out / "heads")) if rollouts.exists() else None,
-        "not_run": [arm for arm in ARMS if not any(arm in mode_rows for mode_rows in rows.values())],
+        "untrained": untrained,
+        "not_run": [arm for arm in ARMS if not any(arm in mode_rows for mode_rows in rows.values())
+                    and arm not in untrained],
     }
 
 
@@ -442,33 +461,7 @@ def markdown(record: dict) -> str:
         lines += ["## Rollouts", "", f"{r['rollouts']} rollouts of {r['problems']} train problems at T 0.6: mean "
                   f"reward {r['mean_reward']:.3f}, {r['mixed_problems']} problems with right and wrong rollouts, "
                   f"{r['truncated']:.1%} truncated, median {r['median_tokens']:.0f} tokens.", ""]
-    if record["heads"]:
-        lines += ["## The heads on their held-out problems (policy loss; step 0 is the base model)", "",
-                  "| head | problems | points | base | best (step) | kept (step, strength) | last | "
-                  f"kept with null margin {TrainSettings.null_margin:g} |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {h['problems']} | {h['points']} | {h['base_loss']:.4f} | {h['best_loss']:.4f} "
-                  f"({h['best_step']}) | {h['selected_loss']:.4f} ({h['selected_step']}, x{h['scale']:g}) | "
-                  f"{h['last_loss']:.4f} | {_kept(h)} |" for name, h in record["heads"].items()]
-        lines += ["", "Heads trained before the null margin kept the earliest checkpoint within one standard error "
-                  "of the best; the last column is what the library's rule keeps from the same curve (step 0: the "
-                  "untrained head, which decodes as the base model, whose row is then that head's).", ""]
-    if record.get("footprint"):
-        f = record["footprint"]
-        top5 = f["rank_share_differing"]["5"] if f["rank_share_differing"] else None
-        lines += ["## The LoRA against base", "",
-                  f"Footprint on {f['rollouts']} LoRA samples of the first test problems: top-1 differs at "
-                  f"{f['differ_fraction']:.2%} of {f['positions']} positions"
-                  + (f", {top5:.0%} of them to a base top-5 token" if top5 is not None else "")
-                  + f"; verdict {f['verdict']} ({f['reason']}).", ""]
-    if record.get("intervention"):
-        iv = record["intervention"]
-        lines += [f"Intervention (greedy; the LoRA's top-1 substituted at base entropy above {iv['tau']:g} nats, "
-                  f"or at random steps at rate {iv['random_rate']:.2%}):", "",
-                  "| arm | accuracy | substituted | changed | LoRA gain recovered |", "|---|---|---|---|---|"]
-        for arm, row in iv["benchmarks"]["test"].items():
-            share = "-" if row["recovered"] is None else f"{row['recovered']:.0%}"
-            lines.append(f"| {arm} | {row['accuracy']:.3f} | {row['gated']:.1%} | {row['changed']:.1%} | {share} |")
-        lines.append("")
+    lines += heads_section(record) + lora_section(record)
     if record["not_run"]:
         lines += [f"Not run yet: {', '.join(record['not_run'])}. GRPO does not fit this machine's budget (see "
                   "docs/benchmarks.md); published context, never a paired arm: SimpleRL-Zoo's Qwen2.5-0.5B, "
@@ -481,7 +474,53 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
+def heads_section(record: dict) -> list[str]:
+    """Markdown: each head's held-out curve, what selection kept, and what the library's rule keeps now."""
+    if not record["heads"]:
+        return []
+    lines = ["## The heads on their held-out problems (policy loss; step 0 is the base model)", "",
+             "| head | problems | points | base | best (step) | kept (step, strength) | last | "
+             f"kept with null margin {TrainSettings.null_margin:g} |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {h['problems']} | {h['points']} | {h['base_loss']:.4f} | {h['best_loss']:.4f} "
+              f"({h['best_step']}) | {h['selected_loss']:.4f} ({h['selected_step']}, x{h['scale']:g}) | "
+              f"{h['last_loss']:.4f} | {_kept(h)} |" for name, h in record["heads"].items()]
+    lines.append("")
+    if any(h["null_margin"] is None for h in record["heads"].values()):
+        lines += ["Heads trained before the null margin kept the earliest checkpoint within one standard error of "
+                  "the best; the last column is what the library's rule keeps from the same curve (step 0: the "
+                  "untrained head, which decodes as the base model, whose row is then that head's).", ""]
+    if record["untrained"]:
+        lines += [f"Kept untrained by the library's rule, so decoded as base and not again: "
+                  f"{', '.join(record['untrained'])} (greedy rows above, where present, are the heads the older "
+                  "rule kept).", ""]
+    return lines
+
+
+def lora_section(record: dict) -> list[str]:
+    """Markdown: the LoRA's footprint and intervention against base, where run."""
+    footprint, intervention = record.get("footprint"), record.get("intervention")
+    if not (footprint or intervention):
+        return []
+    lines = ["## The LoRA against base", ""]
+    if footprint:
+        top5 = footprint["rank_share_differing"]["5"] if footprint["rank_share_differing"] else None
+        lines += [f"Footprint on {footprint['rollouts']} LoRA samples of the first test problems: top-1 differs at "
+                  f"{footprint['differ_fraction']:.2%} of {footprint['positions']} positions"
+                  + (f", {top5:.0%} of them to a base top-5 token" if top5 is not None else "")
+                  + f"; verdict {footprint['verdict']} ({footprint['reason']}).", ""]
+    if intervention:
+        lines += [f"Intervention (greedy; the LoRA's top-1 substituted at base entropy above "
+                  f"{intervention['tau']:g} nats, or at random steps at rate {intervention['random_rate']:.2%}):",
+                  "", "| arm | accuracy | substituted | changed | LoRA gain recovered |", "|---|---|---|---|---|"]
+        for arm, row in intervention["benchmarks"]["test"].items():
+            share = "-" if row["recovered"] is None else f"{row['recovered']:.0%}"
+            lines.append(f"| {arm} | {row['accuracy']:.3f} | {row['gated']:.1%} | {row['changed']:.1%} | {share} |")
+        lines.append("")
+    return lines
+
+
 def _kept(curve: dict) -> str:
+    """The held-out table's last cell: the step the library's rule keeps."""
     if curve["kept_by_null_margin"] == 0:
         return "step 0 (no steering)"
     return f"step {curve['kept_by_null_margin']}"

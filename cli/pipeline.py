@@ -183,5 +183,5 @@ def train(model, rollouts, out, cpu, as_json, **options):
         f"pool: {pool.problems} problems, {pool.rollouts} rollouts; tau = {record.tau:.3f} nats "
         f"({pool.train_points} training and {pool.heldout_points} held-out decision points)",
         f"selected step {record.selected_step} of {settings.steps} and strength x{record.scale:g} by held-out gain "
-        f"(one-standard-error rule); {record.seconds:.1f} s -> {out}",
+        f"(null margin {settings.null_margin:g}, then the one-standard-error rule); {record.seconds:.1f} s -> {out}",
     ], head=out)

@@ -202,6 +202,8 @@ class TrainSettings(GateSettings):
             raise ValueError("scales must hold at least one correction strength")
         for scale in self.scales:
             check_scale(scale)
+        if not (math.isfinite(self.null_margin) and self.null_margin >= 0):
+            raise ValueError(f"null_margin must be finite and >= 0; got {self.null_margin!r}")
 
 
 @dataclass(frozen=True)

@@ -297,7 +297,8 @@ def footprint(
         out_dir (`str` or `os.PathLike`): the run's folder (see the module docstring); sampling resumes there.
         settings ([`FootprintSettings`]): sampling, batch size and the tau grid.
         sampler (`PreTrainedModel` or [`Decoder`], *optional*): what samples the completions: `rl` by default, or
-            an engine that decodes with the RL model's weights (a vLLM decoder samples far faster than `generate`).
+            an engine that decodes with the RL model's weights, which is not checked (a vLLM decoder samples far
+            faster than `generate`).
         progress (`bool`, defaults to `True`): show progress bars.
 
     Returns:

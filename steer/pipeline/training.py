@@ -245,12 +245,13 @@ def selection_warnings(problems: int, points: int) -> list[str]:
 
 
 def untrained_warnings(selected_step: int, heldout_points: int, null_margin: float) -> list[str]:
-    """A warning when no checkpoint's held-out gain was `null_margin` standard errors above the untrained head's."""
+    """A warning when selection kept the untrained head (step 0)."""
     if selected_step > 0 or heldout_points == 0:
         return []
-    return [f"no checkpoint's held-out gain was {null_margin:g} standard errors above that of the untrained head, "
-            "which changes nothing: the head keeps its untrained weights and decodes as the base model (more "
-            "rollouts, more held-out problems or branch labels may give it a signal to learn)"]
+    return [f"the best held-out gain was not {null_margin:g} standard errors above that of the untrained head (or "
+            "fewer than two held-out problems gave no standard error), which changes nothing: the head keeps its "
+            "untrained weights and decodes as the base model (more rollouts, more held-out problems or branch labels "
+            "may give it a signal to learn)"]
 
 
 def _heldout_problems(pool: Pool, settings: TrainSettings) -> set[str]:
@@ -333,7 +334,9 @@ def fit_head(
     head.eval()
     if not len(heldout):
         return Fit(curve, evaluations, settings.steps)
-    chosen = select_within_one_se([e.held_out_gain for e in evaluations], settings.null_margin)
+    problems = len(heldout) if heldout_groups is None else int(heldout_groups.unique().numel())
+    # with fewer than two held-out problems there is no standard error, so nothing clears the null margin
+    chosen = select_within_one_se([e.held_out_gain for e in evaluations], settings.null_margin) if problems > 1 else 0
     head.load_state_dict(states[chosen])
     return Fit(curve, evaluations, evaluations[chosen].step, states)
 

@@ -5,7 +5,8 @@ the rollouts' own tokens; what a head does to whole decodes can differ (on Qwen2
 held-out gain grew with strength while accuracy did not move). [`tune_strength`] decodes held-out problems (never
 the ones you report) with the base model and with the head at each strength, and keeps the smallest strength whose
 accuracy is within one standard error (over problems) of the best, strength 0, the base model, among them: a head
-that helps no more than that is switched off.
+that helps no more than that is switched off. (No null margin as in training: decoded accuracy is measured on the
+problems themselves, not estimated off-policy, and its standard error over problems is already wide.)
 
 The decodes go to an evaluation folder (arms `base`, `x0.5`, `x1`, ...; an interrupted run resumes), the result to
 `tune.json` beside it, and the head with the strength kept to `OUT/head`.

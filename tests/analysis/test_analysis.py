@@ -136,7 +136,7 @@ class RecordingDecoder:
         self.model, self.tokenizer, self.calls = model, tokenizer, 0
 
     def decode(self, prompt_ids, settings, seeds):
-        self.calls += 1
+        self.calls += 1  # one seed for the whole batch (a real Decoder seeds each prompt): enough for this test
         return decode_batch(self.model, self.tokenizer, prompt_ids, settings, seeds[0])
 
     def run_settings(self):

@@ -226,6 +226,32 @@ def test_the_null_choice_is_kept_unless_the_best_clears_it_by_the_margin():
     assert select_within_one_se(clear, null_margin=2.0) == 2
     assert select_within_one_se([Estimate(0.01, 0.0), Estimate(0.02, 0.004)], null_margin=2.0) == 1
     assert select_within_one_se([Estimate(0.02, 0.0), Estimate(0.025, 0.004)], null_margin=2.0) == 0  # from the null
+    assert select_within_one_se([Estimate(0.0, 0.0), Estimate(0.001, 0.0)], null_margin=2.0) == 1  # exact: clears
+    assert select_within_one_se([Estimate(0.0, 0.0), Estimate(0.01, 0.005)], null_margin=0.0) == 1
+    assert select_within_one_se([Estimate(0.0, 0.0), Estimate(-0.01, 0.005)], null_margin=0.0) == 0
+    with pytest.raises(ValueError, match="held-out estimate 1 is not finite"):
+        select_within_one_se([Estimate(0.0, 0.0), Estimate(float("nan"), 0.01)], null_margin=2.0)
+    for margin in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="null_margin must be finite and >= 0"):
+            TrainSettings(null_margin=margin)
+
+
+def test_one_held_out_problem_gives_no_standard_error_so_the_untrained_head_is_kept(seed):
+    """On real rewards a trained step clears the margin over many held-out problems; held out on one problem, the
+    same training has no standard error to clear it with."""
+    world = World(seed)
+    records, features = world.rollouts(200, torch.Generator().manual_seed(seed))
+    pool = select_pool(records, problems=200, keep_shortest=1.0)
+    points = decision_batch(features, pool.advantages, tau=1.0, top_k=K)
+    problem = torch.tensor([int(features.keys[i][0][1:]) for i in points.rollout])
+    settings = TrainSettings(steps=60, warmup_steps=10, rollouts_per_step=64, lr=1e-2, kl_weight=0.05)
+    kept = {}
+    for name, heldout in (("many", problem >= 150), ("one", problem == int(problem[problem >= 150][0]))):
+        head = CorrectionHead(HeadConfig(hidden_size=HIDDEN, vocab_size=VOCAB, rank=8, top_k=K, tau=1.0))
+        fit = fit_head(head, points.select(~heldout), points.select(heldout), world.embedding, settings,
+                       heldout_groups=problem[heldout])
+        kept[name] = fit.selected_step
+    assert kept["many"] > 0 and kept["one"] == 0
 
 
 def test_problem_gain_averages_each_problem_first():
