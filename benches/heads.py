@@ -30,11 +30,11 @@ from steer.pipeline.decoding import Decoder
 from steer.pipeline.folders.labels import LabelFolder
 from steer.pipeline.folders.rollouts import RolloutFolder, RolloutRecord, sequence_length
 from steer.pipeline.labels import label_branches
-from steer.pipeline.metrics import Estimate, select_within_one_se
+from steer.pipeline.metrics import Estimate
 from steer.pipeline.problems import Problem
 from steer.pipeline.rollout import run_rollouts
 from steer.pipeline.scoring import score_rollouts
-from steer.pipeline.training import TRAINING_FILE, train_head
+from steer.pipeline.training import TRAINING_FILE, select_checkpoint, train_head
 from steer.settings import LabelSettings, RolloutSettings, ScoreSettings, TrainSettings
 
 T = TypeVar("T")
@@ -203,8 +203,7 @@ class HeldOutCurve:
         margin = training["settings"].get("null_margin")
         gains = [Estimate(e["gain"], e["gain_se"]) for e in training["heldout"]]
         rule = TrainSettings.null_margin if margin is None else margin
-        several = len(training["pool"]["heldout_problems"]) > 1  # one held-out problem gives no standard error
-        kept = training["heldout"][select_within_one_se(gains, rule)]["step"] if several else 0
+        kept = training["heldout"][select_checkpoint(gains, len(training["pool"]["heldout_problems"]), rule)]["step"]
         return cls(problems=len(training["pool"]["heldout_problems"]), points=training["pool"]["heldout_points"],
                    base_loss=curve[0], best_step=best, best_loss=curve[best], selected_step=selected,
                    selected_loss=curve[selected], scale=training["scale"], last_loss=curve[max(curve)],

@@ -335,10 +335,16 @@ def fit_head(
     if not len(heldout):
         return Fit(curve, evaluations, settings.steps)
     problems = len(heldout) if heldout_groups is None else int(heldout_groups.unique().numel())
-    # with fewer than two held-out problems there is no standard error, so nothing clears the null margin
-    chosen = select_within_one_se([e.held_out_gain for e in evaluations], settings.null_margin) if problems > 1 else 0
+    chosen = select_checkpoint([e.held_out_gain for e in evaluations], problems, settings.null_margin)
     head.load_state_dict(states[chosen])
     return Fit(curve, evaluations, evaluations[chosen].step, states)
+
+
+def select_checkpoint(gains: list[Estimate], problems: int, null_margin: float) -> int:
+    """The index of the checkpoint kept from its held-out `gains` over `problems` held-out problems (index 0: the
+    untrained head): [`select_within_one_se`] with `null_margin`; with fewer than two problems there is no standard
+    error, so nothing clears the margin and the untrained head is kept."""
+    return select_within_one_se(gains, null_margin) if problems > 1 else 0
 
 
 def choose_scale(
