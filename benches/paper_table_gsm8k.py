@@ -231,13 +231,15 @@ def stage_heads(setup: Setup, argv: list[str], labels: bool = True) -> None:
 
 
 def stage_lora(setup: Setup, argv: list[str]) -> None:
-    """Train the LoRA, then keep the checkpoint with the best greedy pass@1 on the validation problems."""
+    """Train the LoRA, then keep the checkpoint with the best greedy pass@1 on the validation problems (where base
+    is decoded too, for reference)."""
     import reasonmaxxer_lora as lora
 
     folder = setup.out / "lora"
     settings = lora.LoraSettings()
     if not (folder / "lora.json").exists():
         lora.train(setup.model, setup.out / "heads" / "rollouts", folder, settings)
+    run_decode(setup, argv, "base", "greedy", "validation")
     scores = {}
     for step in settings.checkpoints:
         merged = folder / f"merged-{step}"
@@ -371,6 +373,9 @@ def table_record(setup: Setup) -> dict:
         if mode == "sampled" and gate:
             first = [r for r in found if r.sample == 0 and r.arm == "base"] + gate
             rows["one sample"] = arm_rows(summarize(first, 1), "test")
+    validation_records = records(setup, "greedy", "validation")  # the LoRA's checkpoints, paired with base
+    if validation_records:
+        rows["validation"] = arm_rows(summarize(validation_records, 1), "validation")
     runs = head_runs(setup.out / "heads", parameters)
     untrained = untrained_heads(setup)
     compute = {name: {"flops": run.flops, "seconds": run.seconds, "tokens": run.tokens, "tau": run.head.tau,
@@ -444,7 +449,8 @@ def markdown(record: dict) -> str:
              f"problems). {record['device']}.", ""]
     for mode, title in (("greedy", "Greedy (exact McNemar against base)"),
                         ("sampled", "avg@N at T 0.6 (sign-flip permutation test against base)"),
-                        ("one sample", "One sample at T 0.6 (sample 0 of each arm; McNemar against base)")):
+                        ("one sample", "One sample at T 0.6 (sample 0 of each arm; McNemar against base)"),
+                        ("validation", "Greedy on the validation problems (GSM8K train; the LoRA's checkpoints)")):
         rows = record["rows"].get(mode) or {}
         if not rows:
             continue
@@ -497,11 +503,20 @@ def heads_section(record: dict) -> list[str]:
 
 
 def lora_section(record: dict) -> list[str]:
-    """Markdown: the LoRA's footprint and intervention against base, where run."""
+    """Markdown: the LoRA's training and kept checkpoint, its footprint and intervention against base, where run."""
     footprint, intervention = record.get("footprint"), record.get("intervention")
-    if not (footprint or intervention):
+    lora = record["compute"].get("lora")
+    if not (lora or footprint or intervention):
         return []
     lines = ["## The LoRA against base", ""]
+    if lora:
+        lines += [f"Trained {lora['steps']} steps on the heads' pool ({lora['pool_rollouts']} rollouts; "
+                  f"{lora['decision_fraction']:.1%} of their tokens are decision points) in "
+                  f"{lora['training_seconds']:.0f} s, {lora['training_flops']:.3g} FLOPs."
+                  + (f" Kept checkpoint {lora['selected']['step']} (greedy accuracy on the validation problems: "
+                     + ", ".join(f"step {step} {accuracy:.3f}" for step, accuracy
+                                 in lora["selected"]["validation_greedy_accuracy"].items())
+                     + ")." if "selected" in lora else ""), ""]
     if footprint:
         top5 = footprint["rank_share_differing"]["5"] if footprint["rank_share_differing"] else None
         lines += [f"Footprint on {footprint['rollouts']} LoRA samples of the first test problems: top-1 differs at "

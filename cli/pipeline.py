@@ -133,7 +133,7 @@ def score(model, rollouts, cpu, dtype, as_json, **options):
 @model_option
 @click.option("--rollouts", "-r", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder written by `steer rollout` and `steer score`.")
-@settings_options(LabelSettings, help={"points": "Decision points labelled per rollout (its first ones).",
+@settings_options(LabelSettings, help={"points": "Decision points labelled per rollout (which: --placement).",
                                        "top_k": "Candidates continued per point (at least the head's top-k)."})
 @engine_option
 @dtype_option

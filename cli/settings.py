@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import click
 
-from steer.settings import LABEL_SOURCES, OBJECTIVES, check_scale
+from steer.settings import LABEL_PLACEMENTS, LABEL_SOURCES, OBJECTIVES, check_scale
 
 S = TypeVar("S")
 
@@ -102,6 +102,9 @@ FLAGS: dict[str, Flag] = {
                       click.Choice(OBJECTIVES)),
     "labels": Flag("The head's targets: rollout advantages (the paper's) or branch continuations (`steer label`).",
                    click.Choice(LABEL_SOURCES)),
+    # labels (LabelSettings)
+    "placement": Flag("Which decision points of a rollout are labelled: its first ones, or a seeded random draw "
+                      "among all of them.", click.Choice(LABEL_PLACEMENTS)),
     # analysis
     "points": Flag("Decision points branched per completion (its highest-entropy ones).", POSITIVE),
     "rounds": Flag("Switches in a row: a failed branch is branched again after its last switch.", POSITIVE),

@@ -112,7 +112,7 @@ def run_job(job: Job[U, R], workers: Workers = Workers(), progress: bool = True)
     folder = job.folder
     path, key_fields = folder.records_path, folder.key
     if workers.is_main:
-        check_settings(folder.settings_path, job.settings)
+        check_settings(folder.settings_path, job.settings, implied=folder.implied_settings)
     store, existing = open_store(path, key_fields, workers, folder.record_type.required())
     covered = job.covered_keys or (lambda record: [folder.key_of(record)])
     done = {key for data in existing for key in covered(folder.parse(data))}

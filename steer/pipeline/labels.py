@@ -1,7 +1,8 @@
-"""Step 3b (optional): label decision points by branching. For each of the first decision points of a rollout,
-continue every one of the base top-k candidates greedily and grade the result, so each candidate gets its own
-success: a per-point target for the head (`steer train --labels branches`) instead of the rollout-level advantage
-that spreads one reward over every decision point of a rollout.
+"""Step 3b (optional): label decision points by branching. For each labelled decision point of a rollout (its first
+ones, or a seeded random draw among all of them: `LabelSettings.placement`), continue every one of the base top-k
+candidates greedily and grade the result, so each candidate gets its own success: a per-point target for the head
+(`steer train --labels branches`) instead of the rollout-level advantage that spreads one reward over every decision
+point of a rollout.
 
 The labels go to `ROLLOUTS_DIR/labels/` ([`LabelFolder`]): one record per (rollout, position, candidate rank),
 appended as batches finish; an interrupted run resumes. They cost generated tokens: [`LabelSummary.tokens`] counts
@@ -10,6 +11,7 @@ them, so label sources can be compared on the same budget.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -57,16 +59,34 @@ class LabelSummary(Throughput):
     tau: float
 
 
+def _draw_order(seed: int, problem_id: str, sample: int, position: int) -> bytes:
+    """A point's place in the seeded random draw: a hash, the same in every process and Python version."""
+    return hashlib.sha256(f"{seed}/{problem_id}/{sample}/{position}".encode()).digest()
+
+
+def labelled_rows(features: Features, tau: float, settings: LabelSettings) -> list[int]:
+    """The rows of `features` to label: per rollout, `settings.points` of its decision points (entropy above `tau`),
+    its first ones or a random draw seeded by `settings.seed` and the rollout's key; in feature order."""
+    by_rollout: dict[int, list[int]] = defaultdict(list)
+    for row in (features.point_entropy > tau).nonzero().squeeze(-1).tolist():
+        by_rollout[int(features.point_rollout[row])].append(row)
+    chosen = []
+    for rollout, rows in by_rollout.items():
+        if settings.placement == "random":
+            problem_id, sample = features.keys[rollout]
+            rows = sorted(rows, key=lambda row: _draw_order(settings.seed, problem_id, sample,
+                                                            int(features.point_position[row])))
+        chosen += rows[: settings.points]
+    return sorted(chosen)
+
+
 def plan_labels(features: Features, records: dict[RolloutKey, RolloutRecord], tau: float,
                 settings: LabelSettings) -> list[Branch[Candidate]]:
-    """A greedy branch for each top-k candidate at the first `points` decision points of each rollout."""
+    """A greedy branch for each top-k candidate at the labelled decision points of each rollout
+    ([`labelled_rows`])."""
     branches = []
-    taken: dict[int, int] = defaultdict(int)
-    for row in (features.point_entropy > tau).nonzero().squeeze(-1).tolist():
+    for row in labelled_rows(features, tau, settings):
         rollout = int(features.point_rollout[row])
-        if taken[rollout] == settings.points:
-            continue
-        taken[rollout] += 1
         problem_id, sample = features.keys[rollout]
         record = records[problem_id, sample]
         if record.gold is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,11 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (), partial_
             yield record
 
 
-def check_settings(path: str | os.PathLike, settings: dict[str, Any]) -> None:
+def check_settings(path: str | os.PathLike, settings: dict[str, Any], implied: Mapping[str, Any] = {}) -> None:
     """Record the settings a store was made with, or check that a resumed run uses the same ones.
+
+    `implied` holds settings added after stores were written without them, with the value such a store was made
+    with: a stored file that lacks one reads as holding it.
 
     Raises [`StoreError`] listing each setting that differs, so that a resumed run never mixes records made
     differently.
@@ -120,6 +124,7 @@ def check_settings(path: str | os.PathLike, settings: dict[str, Any]) -> None:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise StoreError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    saved = {**implied, **saved}
     differences = [
         f"{name}: stored {saved.get(name)!r}, now {settings.get(name)!r}"
         for name in sorted(settings.keys() | saved.keys())

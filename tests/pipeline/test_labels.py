@@ -5,6 +5,8 @@ and a head trained on them must make greedy decoding choose "7"."""
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,13 +14,17 @@ import torch
 import steer
 from steer.pipeline.decoding import DecodingSettings
 from steer.pipeline.folders.labels import LabelFolder
-from steer.pipeline.labels import LabelSettings, label_branches
+from steer.pipeline.folders.scores import Features
+from steer.pipeline.labels import LabelSettings, label_branches, labelled_rows
 from steer.pipeline.problems import Problem
 from steer.pipeline.rollout import RolloutSettings, run_rollouts
 from steer.pipeline.scoring import ScoreSettings, score_rollouts
+from steer.pipeline.store import StoreError
 from steer.pipeline.training import TrainSettings, train_head
 from steer.pipeline.tuning import tune_strength
 from steer.settings import TuneSettings
+
+PLANTED_LABELS = LabelSettings(tau=0.05, points=1, top_k=3, pool_problems=6, max_new_tokens=12, batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +35,7 @@ def labelled(planted_choice, tokenizer, tmp_path_factory):
                               decoding=DecodingSettings(temperature=1.5, top_p=1.0, max_new_tokens=12))
     run_rollouts(planted_choice, tokenizer, problems, folder, sampled, progress=False)
     score_rollouts(planted_choice, folder, ScoreSettings(floor=0.01, top_k=4), progress=False)
-    settings = LabelSettings(tau=0.05, points=1, top_k=3, pool_problems=6, max_new_tokens=12, batch_size=16)
-    summary = label_branches(planted_choice, tokenizer, folder, settings, progress=False)
+    summary = label_branches(planted_choice, tokenizer, folder, PLANTED_LABELS, progress=False)
     return folder, summary
 
 
@@ -44,6 +49,54 @@ def test_branch_labels_give_each_candidate_its_own_success(labelled, tokenizer):
     records = LabelFolder.of(folder).read_records()
     assert {r.token for r in records if r.rank == 2} == {tokenizer.convert_tokens_to_ids("7")}
     assert all(position == 5 for _, _, position in success) and five != tokenizer.convert_tokens_to_ids("7")
+
+
+def test_an_older_labels_folder_resumes_as_labelled_at_the_first_points(labelled, planted_choice, tokenizer,
+                                                                         tmp_path):
+    """A labels folder written before `placement` existed was placed at the first points: it resumes with
+    placement "first" (nothing left to do) and refuses "random"."""
+    folder, summary = labelled
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    settings_file = LabelFolder.of(old).settings_path
+    stored = json.loads(settings_file.read_text())
+    assert stored.pop("placement") == "first"
+    settings_file.write_text(json.dumps(stored))
+    resumed = label_branches(planted_choice, tokenizer, old, PLANTED_LABELS, progress=False)
+    assert resumed.branches == 0 and resumed.points == summary.points
+    with pytest.raises(StoreError, match="placement: stored 'first', now 'random'"):
+        label_branches(planted_choice, tokenizer, old, replace(PLANTED_LABELS, placement="random"), progress=False)
+
+
+def synthetic_features(points_per_rollout: list[int]) -> Features:
+    """Features of rollouts with the given numbers of decision points, at positions 0, 1, ... (entropy 1)."""
+    rollout = torch.cat([torch.full((n,), r) for r, n in enumerate(points_per_rollout)])
+    position = torch.cat([torch.arange(n) for n in points_per_rollout])
+    total = len(rollout)
+    return Features(keys=[(f"p{r}", 0) for r in range(len(points_per_rollout))],
+                    entropy=[torch.ones(n) for n in points_per_rollout], point_rollout=rollout,
+                    point_position=position, point_entropy=torch.ones(total),
+                    point_topk_ids=torch.zeros(total, 3, dtype=torch.long), point_topk_logprobs=torch.zeros(total, 3),
+                    point_token=torch.zeros(total, dtype=torch.long), point_token_logprob=torch.zeros(total),
+                    point_hidden=torch.zeros(total, 4), floor=0.0, embedding_fingerprint=[])
+
+
+def test_label_placement_first_or_a_seeded_draw_among_all_decision_points():
+    features = synthetic_features([12, 1, 12])
+
+    def rows(**settings) -> list[tuple[int, int]]:  # (rollout, position) of each labelled row
+        chosen = labelled_rows(features, 0.5, LabelSettings(points=2, **settings))
+        return [(int(features.point_rollout[r]), int(features.point_position[r])) for r in chosen]
+
+    assert rows() == [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1)]
+    drawn = [rows(placement="random", seed=seed) for seed in range(6)]
+    for chosen in drawn:  # two points per rollout (the one with a single point: that one), in order
+        assert [r for r, _ in chosen] == [0, 0, 1, 2, 2] and chosen == sorted(chosen)
+    assert drawn[0] == rows(placement="random", seed=0)  # seeded: the same draw again
+    later = [p for chosen in drawn for r, p in chosen if r != 1]
+    assert max(later) >= 4 and len(set(map(tuple, drawn))) > 1  # from all of a rollout's points, varying by seed
+    with pytest.raises(ValueError, match="placement must be one of first, random"):
+        LabelSettings(placement="middle")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
@@ -62,6 +63,8 @@ class RunFolder(Generic[R]):
         record_type (`type[Record]`): the records of its store.
         key (`tuple[str, ...]`): the fields that identify a record.
         writer (`str`): the command that writes the folder, named when it is missing.
+        implied_settings (`dict`): settings added to the folder's stage after folders were written without them,
+            with the value those folders were made with (a settings file that lacks one reads as holding it).
     """
 
     records_file: ClassVar[str]
@@ -69,6 +72,7 @@ class RunFolder(Generic[R]):
     record_type: ClassVar[type[Record]]
     key: ClassVar[tuple[str, ...]]
     writer: ClassVar[str]
+    implied_settings: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)

@@ -56,6 +56,7 @@ class LabelFolder(RunFolder[LabelRecord]):
     record_type = LabelRecord
     key = ("problem_id", "sample", "position", "rank")
     writer = "steer label"
+    implied_settings = {"placement": "first"}  # labels were placed at each rollout's first decision points
 
     @classmethod
     def of(cls, rollouts_dir: str | os.PathLike) -> LabelFolder:
