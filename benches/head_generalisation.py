@@ -209,6 +209,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--out", type=Path, help="the results file (default: results/generalisation-<model>.json; "
+                        "name another for labels made differently on the same pool)")
     args = parser.parse_args()
     model, _ = load_model(args.model, device="cpu", dtype=torch.float32)
     embedding = output_embedding(model).detach()
@@ -224,7 +226,7 @@ def main() -> None:
     folds = folds_of(problem_ids, args.folds, args.seed)
     labels = LabelFolder.of(folder.path)
     has_labels = labels.records_path.exists()
-    out = ROOT / "results" / f"generalisation-{Path(args.model).name}.json"
+    out = args.out or ROOT / "results" / f"generalisation-{Path(args.model).name}.json"
     command = " ".join(["python benches/head_generalisation.py", *sys.argv[1:]])
     record = {"tau": tau, "pool_problems": len(problem_ids), "folds": args.folds, "seed": args.seed,
               "pool": problem_ids, "variants": {}}
