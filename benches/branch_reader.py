@@ -75,7 +75,7 @@ def labelled_points(rollouts_dir: Path) -> list[Point]:
     """Every point of `rollouts_dir/labels/` with all `top_k` of its candidates labelled (an interrupted run can
     leave a point with fewer), with its rollout's tokens."""
     labels = LabelFolder.of(rollouts_dir)
-    top_k = label_settings(rollouts_dir)["top_k"]
+    top_k = labels.recorded_settings()["top_k"]
     rollouts = {(r.problem_id, r.sample): r for r in RolloutFolder(rollouts_dir).read_records()}
     tokens: dict[LabelPoint, dict[int, int]] = defaultdict(dict)
     for record in labels.read_records():
@@ -91,12 +91,6 @@ def labelled_points(rollouts_dir: Path) -> list[Point]:
     if not points:
         raise SystemExit(f"no fully labelled points in {labels.path} (run `steer label` first)")
     return points
-
-
-def label_settings(rollouts_dir: Path) -> dict:
-    """The labels' settings as recorded (a setting added since reads as the value older folders were made with)."""
-    labels = LabelFolder.of(rollouts_dir)
-    return {**labels.implied_settings, **json.loads(labels.settings_path.read_text())}
 
 
 def candidate_logprobs(model: PreTrainedModel, points: list[Point]) -> torch.Tensor:
@@ -153,12 +147,11 @@ def main() -> None:
         del model
         readings.append(reading)
         print(json.dumps(asdict(reading)), flush=True)
-    rollouts_settings = json.loads(RolloutFolder(args.rollouts).settings_path.read_text())
-    model_name = Path(rollouts_settings.get("model", "model")).name
+    model_name = Path(RolloutFolder(args.rollouts).recorded_settings().get("model", "model")).name
     out = args.out or ROOT / "results" / f"branch-reader-{model_name}.json"
     positions = [p.key[2] for p in points]
     atomic_write_json(out, {"command": " ".join(["python benches/branch_reader.py", *sys.argv[1:]]),
-                            "rollouts": str(args.rollouts), "labels": label_settings(args.rollouts),
+                            "rollouts": str(args.rollouts), "labels": LabelFolder.of(args.rollouts).recorded_settings(),
                             "readers": readers, "position_median": statistics.median(positions),
                             "position_quartiles": statistics.quantiles(positions, n=4) if len(points) > 1 else None,
                             "readings": [asdict(r) for r in readings]})

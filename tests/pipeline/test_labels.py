@@ -62,6 +62,7 @@ def test_an_older_labels_folder_resumes_as_labelled_at_the_first_points(labelled
     stored = json.loads(settings_file.read_text())
     assert stored.pop("placement") == "first"
     settings_file.write_text(json.dumps(stored))
+    assert LabelFolder.of(old).recorded_settings()["placement"] == "first"
     resumed = label_branches(planted_choice, tokenizer, old, PLANTED_LABELS, progress=False)
     assert resumed.branches == 0 and resumed.points == summary.points
     with pytest.raises(StoreError, match="placement: stored 'first', now 'random'"):

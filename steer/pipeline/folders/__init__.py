@@ -16,6 +16,7 @@ A head's folder is written and read by [`CorrectionHead`] (and `training.json` b
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -84,6 +85,10 @@ class RunFolder(Generic[R]):
     @property
     def settings_path(self) -> Path:
         return self.path / self.settings_file
+
+    def recorded_settings(self) -> dict[str, Any]:
+        """The settings the folder was made with (its settings file, with [`implied_settings`] where it lacks them)."""
+        return {**self.implied_settings, **json.loads(self.settings_path.read_text(encoding="utf-8"))}
 
     def key_of(self, record: R) -> tuple:
         """The values of a record's key fields."""
