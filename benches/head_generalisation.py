@@ -13,7 +13,8 @@ own choice: a head that generalises lowers it), and the held-out gain with its s
 With branch labels (`steer label`), the signal itself is measured at the labelled points: how often the base
 top-1's continuation succeeds, how often the best candidate's does (the oracle), how often the candidates disagree,
 and whether a linear probe on the hidden state, cross-validated over the same folds, picks a better candidate than
-the base top-1.
+the base top-1; with several sampled continuations per candidate (`steer label --continuations N`), how much the
+candidates' own success rates differ beyond sampling noise.
 
 Writes `benches/results/generalisation-<model>.json`, keeping the variants (each with its command) and the branch
 signal that an earlier run on the same pool, folds and seed recorded there.
@@ -141,9 +142,20 @@ def cross_validate(points: Points, groups: torch.Tensor, problem_ids: list[str],
     return result
 
 
+def candidate_effect(success: torch.Tensor, continuations: int, groups: torch.Tensor) -> tuple[float, float]:
+    """How much the candidates' own success rates differ at a point, beyond the sampling noise of `continuations`
+    graded continuations each: per point, the variance of the candidates' shares `success` `(points, k)` less its
+    expected sampling part (an unbiased estimate of each candidate's p(1 - p)/n is s(1 - s)/(n - 1)); the mean over
+    problems and its standard error. 0 means the candidates at a point do not differ at all; about 0.25 at most."""
+    noise = (success * (1 - success)).mean(-1) / (continuations - 1)
+    effect = success.var(-1) - noise
+    return mean_se(list(per_problem(effect, groups).values()))
+
+
 def branch_signal(points: BranchBatch, groups: torch.Tensor, problem_ids: list[str],
-                  folds: list[set[str]]) -> dict:
-    """What the branch labels say at their points, and what a cross-validated linear probe reads of it."""
+                  folds: list[set[str]], continuations: int) -> dict:
+    """What the branch labels say at their points, and what a cross-validated linear probe reads of it; with
+    several continuations per candidate, how much the candidates' own success rates differ ([`candidate_effect`])."""
     success = points.success
     chosen_probe = torch.zeros(len(points))
     for fold in folds:
@@ -165,7 +177,10 @@ def branch_signal(points: BranchBatch, groups: torch.Tensor, problem_ids: list[s
             scores = probe((heldout.hidden - mean) / std) + 1e-3 * heldout.base  # ties go to the likelier
         chosen_probe[held] = success[held].gather(-1, scores.argmax(-1, keepdim=True)).squeeze(-1)
     base = success[:, 0]  # the candidates are the base top-k in order: column 0 is the base top-1
+    effect = candidate_effect(success, continuations, groups) if continuations > 1 else None
     return {
+        "continuations": continuations,
+        "candidate_effect_variance": effect,
         "points": len(points),
         "problems": len(set(groups.tolist())),
         "base_top1_succeeds": float(base.mean()),
@@ -238,7 +253,9 @@ def main() -> None:
               flush=True)
     if has_labels:
         points = branch_batch(features, labels.success(), tau, defaults.top_k)
-        record["branch_signal"] = branch_signal(points, rollout_problem[points.rollout], problem_ids, folds)
+        continuations = labels.recorded_settings()["continuations"]
+        record["branch_signal"] = branch_signal(points, rollout_problem[points.rollout], problem_ids, folds,
+                                                continuations)
         print(json.dumps(record["branch_signal"], indent=1))
     atomic_write_json(out, record)
     print(f"wrote {out}")

@@ -257,7 +257,7 @@ def resamples(records: Sequence[BranchRecord], failures: Sequence[RolloutRecord]
     for r in records:
         tries[r.problem_id] += r.arm == "decision"
     return [Branch((f.problem_id, "resample", f"resample-{n}"), f.prompt_ids, [], f.gold,
-                   Switch(f.problem_id, "resample", f"resample-{n}", 0, n, -1, 0, None))
+                   Switch(f.problem_id, "resample", f"resample-{n}", 0, n, -1, 0, None), sampled=True)
             for f in failures for n in range(tries[f.problem_id])]
 
 

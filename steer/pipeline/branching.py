@@ -1,8 +1,9 @@
 """Branch continuations: from a prompt and a prefix of a completion (its last token switched, or nothing at all),
 decode the rest and grade it. The engine behind the headroom analysis and the branch labels of training.
 
-A branch is continued greedily, or sampled when it has no prefix (a resample from the prompt). A batch holds
-branches of one kind, of similar lengths; every branch stops at the completion's token budget, prefix included.
+A branch is continued greedily, or sampled (a resample from the prompt, or one of several sampled continuations of
+a switched prefix). A batch holds branches of one kind, of similar lengths; every branch stops at the completion's
+token budget, prefix included.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ class Branch(Generic[T]):
     Attributes:
         key (`tuple`): the key of its record in the store it goes to.
         prompt_ids (`list[int]`), prefix (`list[int]`): what the model continues: the prompt, then completion tokens
-            (the switched token last); an empty prefix is a resample, decoded with sampling.
+            (the switched token last; empty for a resample from the prompt).
         gold (`str`): the gold answer the full completion is graded against.
         tag (`T`): what its record holds besides the outcome (a labelled point, a headroom switch, ...).
+        sampled (`bool`, defaults to `False`): decoded with sampling ([`BranchDecoding`]'s temperature and top-p)
+            rather than greedily; its seed comes from its key.
     """
 
     key: tuple
@@ -39,10 +42,7 @@ class Branch(Generic[T]):
     prefix: list[int]
     gold: str
     tag: T
-
-    @property
-    def sampled(self) -> bool:
-        return not self.prefix
+    sampled: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Outcome:
 @dataclass(frozen=True)
 class BranchDecoding:
     """How branches are decoded: the completion's token `budget` (prefix included); `temperature` and `top_p` for
-    resamples (switched branches are greedy); `seed` for the batches' sampling."""
+    sampled branches (the others are greedy); `seed` for the batches' sampling."""
 
     budget: int
     temperature: float = 0.6
@@ -67,7 +67,7 @@ class BranchDecoding:
 
 
 def branch_batches(branches: Sequence[Branch], batch_size: int) -> list[list[Branch]]:
-    """Batches of one kind (greedy switches, sampled resamples) and similar lengths, longest first."""
+    """Batches of one kind (greedy, sampled) and similar lengths, longest first."""
     kinds = [[b for b in branches if b.sampled == sampled] for sampled in (False, True)]
     return [batch for kind in kinds if kind
             for batch in batches_by_length(kind, [len(b.prompt_ids) + len(b.prefix) for b in kind], batch_size)]

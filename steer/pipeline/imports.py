@@ -30,7 +30,7 @@ from steer.pipeline.folders.rollouts import RolloutFolder, RolloutRecord
 from steer.pipeline.grading import extract_answer, grade
 from steer.pipeline.problems import Problem
 from steer.pipeline.prompts import DEFAULT_INSTRUCTION, build_prompt, encode_prompt
-from steer.pipeline.store import RecordStore, check_settings, read_jsonl
+from steer.pipeline.store import check_settings, read_jsonl
 
 
 class RolloutImportError(SteerError, ValueError):
@@ -76,7 +76,7 @@ def import_rollouts(
         sample = int(raw.get("sample", samples[problem_id]))
         samples[problem_id] = sample + 1
         records.append(_rollout(raw, where, problem_id, sample, tokenizer, problems or {}, instruction))
-    store = RecordStore(folder.records_path, folder.key)
+    store = folder.store()
     store.extend([record.to_json() for record in records])
     return len(store)
 

@@ -110,10 +110,9 @@ class Job(Generic[U, R]):
 def run_job(job: Job[U, R], workers: Workers = Workers(), progress: bool = True) -> JobResult[R]:
     """Run the pending part of `job` (see the module docstring); every process of the job must call it."""
     folder = job.folder
-    path, key_fields = folder.records_path, folder.key
     if workers.is_main:
         check_settings(folder.settings_path, job.settings, implied=folder.implied_settings)
-    store, existing = open_store(path, key_fields, workers, folder.record_type.required())
+    store, existing = open_store(folder, workers)
     covered = job.covered_keys or (lambda record: [folder.key_of(record)])
     done = {key for data in existing for key in covered(folder.parse(data))}
     pending = [unit for unit in job.units if any(key not in done for key in job.unit_keys(unit))]
@@ -127,7 +126,7 @@ def run_job(job: Job[U, R], workers: Workers = Workers(), progress: bool = True)
         bar.advance(work.items, work.tokens)
     bar.close()
     totals = _totals(workers, bar, {name: counts[name] for name in job.count_names})
-    merge_parts(path, key_fields, workers)
+    merge_parts(folder, workers)
     records = job.folder.read_records() if workers.is_main else []
     return JobResult(records, totals)
 
@@ -148,34 +147,35 @@ def part_path(path: Path, rank: int) -> Path:
     return path.parent / "parts" / f"{path.stem}.{rank}{path.suffix}"
 
 
-def open_store(path: Path, key_fields: tuple[str, ...], workers: Workers,
-               required: tuple[str, ...] = ()) -> tuple[RecordStore, list[dict[str, Any]]]:
+def open_store(folder: RunFolder, workers: Workers) -> tuple[RecordStore, list[dict[str, Any]]]:
     """The store this process appends to, and the records written by any process in an earlier run (each holding
-    the key fields and `required`, else a [`StoreError`] naming the file and line).
+    the folder's required fields, else a [`StoreError`] naming the file and line).
 
     Each file is repaired (a partial last line dropped) only by the process that writes it: the main store by the
     main process, before the others read it; a part by its own process. Other files are only read, and nobody
     appends until every process has read.
     """
+    path = folder.records_path
     if workers.is_main:
-        RecordStore(path, key_fields)
+        folder.store()
     workers.wait()
-    own = RecordStore(path if workers.world == 1 else part_path(path, workers.rank), key_fields)
+    own = folder.store(path if workers.world == 1 else part_path(path, workers.rank))
     done = []
     for other in [path, *sorted(path.parent.glob(f"parts/{path.stem}.*{path.suffix}"))]:
-        done += read_jsonl(other, (*key_fields, *required), partial_tail=True)
+        done += read_jsonl(other, folder.required_fields, partial_tail=True)
     workers.wait()
     return own, done
 
 
-def merge_parts(path: Path, key_fields: tuple[str, ...], workers: Workers) -> None:
+def merge_parts(folder: RunFolder, workers: Workers) -> None:
     """After every process has finished: the main process appends the parts' new records to the main store and
     removes the parts. Safe to repeat after an interruption (records already merged are skipped)."""
     workers.wait()
     if workers.is_main:
-        main = RecordStore(path, key_fields)
+        path = folder.records_path
+        main = folder.store()
         for part in sorted(path.parent.glob(f"parts/{path.stem}.*{path.suffix}")):
-            main.extend(RecordStore(part, key_fields).records())
+            main.extend(folder.store(part).records())
             part.unlink()
     workers.wait()
 

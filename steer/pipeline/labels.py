@@ -1,8 +1,8 @@
 """Step 3b (optional): label decision points by branching. For each labelled decision point of a rollout (its first
 ones, or a seeded random draw among all of them: `LabelSettings.placement`), continue every one of the base top-k
-candidates greedily and grade the result, so each candidate gets its own success: a per-point target for the head
-(`steer train --labels branches`) instead of the rollout-level advantage that spreads one reward over every decision
-point of a rollout.
+candidates (greedily, or several times sampled: `LabelSettings.continuations`) and grade the result, so each
+candidate gets its own success: a per-point target for the head (`steer train --labels branches`) instead of the
+rollout-level advantage that spreads one reward over every decision point of a rollout.
 
 The labels go to `ROLLOUTS_DIR/labels/` ([`LabelFolder`]): one record per (rollout, position, candidate rank),
 appended as batches finish; an interrupted run resumes. They cost generated tokens: [`LabelSummary.tokens`] counts
@@ -34,13 +34,15 @@ from steer.settings import LabelSettings
 
 @dataclass(frozen=True)
 class Candidate:
-    """What a label records of its branch besides the outcome: the point, the candidate's rank and token."""
+    """What a label records of its branch besides the outcome: the point, the candidate's rank and token, and which
+    of its continuations."""
 
     problem_id: str
     sample: int
     position: int
     rank: int
     token: int
+    continuation: int
 
 
 def label_record(branch: Branch[Candidate], outcome: Outcome) -> LabelRecord:
@@ -82,8 +84,8 @@ def labelled_rows(features: Features, tau: float, settings: LabelSettings) -> li
 
 def plan_labels(features: Features, records: dict[RolloutKey, RolloutRecord], tau: float,
                 settings: LabelSettings) -> list[Branch[Candidate]]:
-    """A greedy branch for each top-k candidate at the labelled decision points of each rollout
-    ([`labelled_rows`])."""
+    """For each top-k candidate at the labelled decision points of each rollout ([`labelled_rows`]), a greedy
+    branch, or `settings.continuations` sampled ones."""
     branches = []
     for row in labelled_rows(features, tau, settings):
         rollout = int(features.point_rollout[row])
@@ -95,9 +97,11 @@ def plan_labels(features: Features, records: dict[RolloutKey, RolloutRecord], ta
         position = int(features.point_position[row])
         for rank in range(1, min(settings.top_k, features.point_topk_ids.shape[1]) + 1):
             token = int(features.point_topk_ids[row, rank - 1])
-            branches.append(Branch((problem_id, sample, position, rank), record.prompt_ids,
-                                   record.completion_ids[:position] + [token], record.gold,
-                                   Candidate(problem_id, sample, position, rank, token)))
+            for continuation in range(settings.continuations):
+                branches.append(Branch((problem_id, sample, position, rank, continuation), record.prompt_ids,
+                                       record.completion_ids[:position] + [token], record.gold,
+                                       Candidate(problem_id, sample, position, rank, token, continuation),
+                                       sampled=settings.continuations > 1))
     return branches
 
 

@@ -28,6 +28,8 @@ class RecordStore:
     Args:
         path (`str` or `os.PathLike`): the `.jsonl` file (created, with its folder, if missing).
         key_fields (`tuple[str, ...]`): the fields whose values identify a record.
+        key_defaults (`Mapping[str, Any]`, *optional*): key fields added after records were written without them,
+            with the value such records stand for; every other key field is required in each record.
 
     Example:
 
@@ -38,9 +40,11 @@ class RecordStore:
     ```
     """
 
-    def __init__(self, path: str | os.PathLike, key_fields: tuple[str, ...]) -> None:
+    def __init__(self, path: str | os.PathLike, key_fields: tuple[str, ...],
+                 key_defaults: Mapping[str, Any] = {}) -> None:
         self.path = Path(path)
         self.key_fields = key_fields
+        self.key_defaults = key_defaults
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch(exist_ok=True)
         self._keys: set[tuple] = set()
@@ -49,7 +53,12 @@ class RecordStore:
             self._keys.add(self.key(record))
 
     def key(self, record: dict[str, Any]) -> tuple:
-        return tuple(record[field] for field in self.key_fields)
+        return tuple(record[field] if field in record else self.key_defaults[field] for field in self.key_fields)
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The key fields every record must hold (those without a default)."""
+        return tuple(field for field in self.key_fields if field not in self.key_defaults)
 
     def __contains__(self, key: tuple) -> bool:
         return key in self._keys
@@ -59,7 +68,7 @@ class RecordStore:
 
     def records(self) -> list[dict[str, Any]]:
         """All records in file order."""
-        return list(read_jsonl(self.path, required=self.key_fields))
+        return list(read_jsonl(self.path, required=self.required))
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record (skipped if a record with its key is already stored) and flush it to disk."""

@@ -53,20 +53,61 @@ def test_branch_labels_give_each_candidate_its_own_success(labelled, tokenizer):
 
 def test_an_older_labels_folder_resumes_as_labelled_at_the_first_points(labelled, planted_choice, tokenizer,
                                                                          tmp_path):
-    """A labels folder written before `placement` existed was placed at the first points: it resumes with
-    placement "first" (nothing left to do) and refuses "random"."""
+    """A labels folder written before `placement`, `continuations` and the `continuation` key field existed (its
+    settings and records stripped of them) was labelled at the first points with one greedy continuation: it reads
+    the same, resumes with nothing left to do, and refuses other settings."""
     folder, summary = labelled
     old = tmp_path / "old"
     shutil.copytree(folder, old)
-    settings_file = LabelFolder.of(old).settings_path
-    stored = json.loads(settings_file.read_text())
-    assert stored.pop("placement") == "first"
-    settings_file.write_text(json.dumps(stored))
-    assert LabelFolder.of(old).recorded_settings()["placement"] == "first"
+    labels = LabelFolder.of(old)
+    stored = json.loads(labels.settings_path.read_text())
+    assert (stored.pop("placement"), stored.pop("continuations")) == ("first", 1)
+    labels.settings_path.write_text(json.dumps(stored))
+    lines = [json.loads(line) for line in labels.records_path.read_text().splitlines()]
+    assert all(line.pop("continuation") == 0 for line in lines)
+    labels.records_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert labels.recorded_settings()["placement"] == "first"
+    assert labels.success() == LabelFolder.of(folder).success()
     resumed = label_branches(planted_choice, tokenizer, old, PLANTED_LABELS, progress=False)
     assert resumed.branches == 0 and resumed.points == summary.points
+    assert len(labels.records_path.read_text().splitlines()) == len(lines)  # nothing written twice
     with pytest.raises(StoreError, match="placement: stored 'first', now 'random'"):
         label_branches(planted_choice, tokenizer, old, replace(PLANTED_LABELS, placement="random"), progress=False)
+    with pytest.raises(StoreError, match="continuations: stored 1, now 2"):
+        label_branches(planted_choice, tokenizer, old, replace(PLANTED_LABELS, continuations=2), progress=False)
+
+
+def test_sampled_continuations_label_each_candidate_by_its_share_of_right_answers(labelled, planted_choice,
+                                                                                    tokenizer, tmp_path):
+    """Three sampled continuations per candidate (T 0.6, seeded by key): three records each, the label their share
+    graded right; on the planted model "7" still leads to the gold answer far more often than "6"."""
+    folder, _ = labelled
+    sampled = tmp_path / "sampled"
+    shutil.copytree(folder, sampled, ignore=shutil.ignore_patterns("labels"))
+    settings = replace(PLANTED_LABELS, continuations=3)
+    summary = label_branches(planted_choice, tokenizer, sampled, settings, progress=False)
+    assert summary.branches == 3 * 3 * summary.points > 0
+    records = LabelFolder.of(sampled).read_records()
+    assert sorted({r.continuation for r in records}) == [0, 1, 2]
+    success = LabelFolder.of(sampled).success()
+    assert len(success) == summary.points
+    rates = torch.tensor(list(success.values()))
+    assert set((rates * 3).round().flatten().tolist()) <= {0.0, 1.0, 2.0, 3.0}
+    assert rates[:, 1].mean() > rates[:, 0].mean() + 0.5
+    again = label_branches(planted_choice, tokenizer, sampled, settings, progress=False)  # resumes: nothing left
+    assert again.branches == 0
+
+
+def test_a_point_with_continuations_missing_is_left_out(tmp_path):
+    labels = LabelFolder.of(tmp_path)
+    labels.path.mkdir()
+    rows = [("a", 1, 0, True), ("a", 1, 1, False), ("a", 2, 0, False), ("a", 2, 1, False),  # complete
+            ("b", 1, 0, True), ("b", 1, 1, True), ("b", 2, 0, False)]  # rank 2 lacks a continuation
+    with labels.records_path.open("w") as out:
+        for problem, rank, continuation, correct in rows:
+            out.write(json.dumps({"problem_id": problem, "sample": 0, "position": 3, "rank": rank, "token": rank,
+                                  "completion": "", "correct": correct, "continuation": continuation}) + "\n")
+    assert labels.success() == {("a", 0, 3): [0.5, 0.0]}
 
 
 def synthetic_features(points_per_rollout: list[int]) -> Features:
@@ -98,6 +139,8 @@ def test_label_placement_first_or_a_seeded_draw_among_all_decision_points():
     assert max(later) >= 4 and len(set(map(tuple, drawn))) > 1  # from all of a rollout's points, varying by seed
     with pytest.raises(ValueError, match="placement must be one of first, random"):
         LabelSettings(placement="middle")
+    with pytest.raises(ValueError, match="continuations must be at least 1"):
+        LabelSettings(continuations=0)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from steer.pipeline.decoding import DecodingSettings
 from steer.pipeline.problems import load_problems
 from steer.pipeline.rollout import RolloutSettings, run_rollouts
 from steer.pipeline.scoring import ScoreSettings, score_rollouts
-from steer.pipeline.store import StoreError, read_jsonl
+from steer.pipeline.store import RecordStore, StoreError, read_jsonl
 from steer.pipeline.training import TrainSettings, train_head
 
 SHORT = RolloutSettings(samples=3, decoding=DecodingSettings(max_new_tokens=10), batch_size=4, instruction="")
@@ -64,6 +64,20 @@ def test_rollout_store_survives_kill_9(tiny_model_dir, arithmetic_file, tmp_path
     assert len(keys) == len(set(keys)) == 12 * 4, "records lost or doubled"
     assert all({"prompt", "completion", "answer", "reward", "finish_reason", "completion_ids"} <= r.keys()
                for r in records)
+
+
+def test_a_key_field_added_later_reads_as_its_default_in_older_records(tmp_path):
+    """Records written before the key field `n` existed stand for n = 0: they are known by that key (a record with
+    n = 0 is not written again, n = 1 is), while a record lacking a key field without a default is an error."""
+    path = tmp_path / "store.jsonl"
+    path.write_text('{"id": "a", "v": 1}\n{"id": "b", "v": 2}\n')
+    store = RecordStore(path, ("id", "n"), key_defaults={"n": 0})
+    assert ("a", 0) in store and ("b", 0) in store and len(store) == 2
+    store.extend([{"id": "a", "n": 0, "v": 9}, {"id": "a", "n": 1, "v": 3}])
+    assert [(r["id"], r.get("n"), r["v"]) for r in lines(path)] == [("a", None, 1), ("b", None, 2), ("a", 1, 3)]
+    assert len(RecordStore(path, ("id", "n"), key_defaults={"n": 0})) == 3
+    with pytest.raises(StoreError, match=r"store.jsonl:1: record lacks n"):
+        RecordStore(path, ("id", "n"))
 
 
 def test_resuming_with_other_settings_is_refused(tiny_model_dir, arithmetic_file, tmp_path):

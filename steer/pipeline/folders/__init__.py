@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
-from steer.pipeline.store import read_jsonl
+from steer.pipeline.store import RecordStore, read_jsonl
 
 RolloutKey = tuple[str, int]
 """`(problem_id, sample)`: what identifies a rollout in every folder."""
@@ -47,6 +47,11 @@ class Record:
                      if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
 
     @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The fields with a plain default, and their defaults."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+    @classmethod
     def from_json(cls: type[R], data: dict[str, Any]) -> R:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{name: value for name, value in data.items() if name in names})
@@ -62,7 +67,8 @@ class RunFolder(Generic[R]):
     Attributes:
         records_file (`str`), settings_file (`str`): file names inside the folder.
         record_type (`type[Record]`): the records of its store.
-        key (`tuple[str, ...]`): the fields that identify a record.
+        key (`tuple[str, ...]`): the fields that identify a record. A key field added after folders were written
+            without it has a default in the record type, which its older records stand for ([`key_defaults`]).
         writer (`str`): the command that writes the folder, named when it is missing.
         implied_settings (`dict`): settings added to the folder's stage after folders were written without them,
             with the value those folders were made with (a settings file that lacks one reads as holding it).
@@ -90,6 +96,21 @@ class RunFolder(Generic[R]):
         """The settings the folder was made with (its settings file, with [`implied_settings`] where it lacks them)."""
         return {**self.implied_settings, **json.loads(self.settings_path.read_text(encoding="utf-8"))}
 
+    @property
+    def key_defaults(self) -> dict[str, Any]:
+        """The key fields with a default in the record type (added later; older records lack them), and it."""
+        defaults = self.record_type.defaults()
+        return {name: defaults[name] for name in self.key if name in defaults}
+
+    @property
+    def required_fields(self) -> tuple[str, ...]:
+        """The fields every stored record must hold: the key fields without a default and the record's own."""
+        return (*(name for name in self.key if name not in self.key_defaults), *self.record_type.required())
+
+    def store(self, path: Path | None = None) -> RecordStore:
+        """The folder's record store, or a store of its records at another `path` (a worker's part)."""
+        return RecordStore(path or self.records_path, self.key, self.key_defaults)
+
     def key_of(self, record: R) -> tuple:
         """The values of a record's key fields."""
         return tuple(getattr(record, name) for name in self.key)
@@ -107,4 +128,4 @@ class RunFolder(Generic[R]):
         """
         if not self.records_path.is_file():
             raise FileNotFoundError(f"{self.records_path} is missing: run `{self.writer}` first")
-        return [self.parse(data) for data in read_jsonl(self.records_path, (*self.key, *self.record_type.required()))]
+        return [self.parse(data) for data in read_jsonl(self.records_path, self.required_fields)]

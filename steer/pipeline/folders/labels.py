@@ -22,16 +22,18 @@ LabelPoint = tuple[str, int, int]
 
 @dataclass(frozen=True)
 class LabelRecord(Record):
-    """One candidate of a labelled decision point, continued greedily and graded.
+    """One continuation of one candidate of a labelled decision point, graded.
 
     Attributes:
         problem_id (`str`), sample (`int`): the rollout. position (`int`): the decision point's position in its
             completion. rank (`int`): the candidate's rank in the base top-k (1 is the base top-1).
         token (`int`): the candidate token.
         completion (`str`), completion_ids (`list[int]`): the continued completion (the rollout's prefix, the
-            candidate, then the greedy continuation), cut to the token budget (empty in folders written before
-            labels kept them).
+            candidate, then the continuation), cut to the token budget (empty in folders written before labels
+            kept them).
         correct (`bool`): whether it was graded right.
+        continuation (`int`, defaults to 0): which of the candidate's continuations (one greedy, or several
+            sampled: `LabelSettings.continuations`).
     """
 
     problem_id: str
@@ -42,6 +44,7 @@ class LabelRecord(Record):
     completion: str
     correct: bool
     completion_ids: list[int] = field(default_factory=list)
+    continuation: int = 0
 
     @property
     def point(self) -> LabelPoint:
@@ -54,19 +57,21 @@ class LabelFolder(RunFolder[LabelRecord]):
     records_file = "labels.jsonl"
     settings_file = "labels.settings.json"
     record_type = LabelRecord
-    key = ("problem_id", "sample", "position", "rank")
+    key = ("problem_id", "sample", "position", "rank", "continuation")
     writer = "steer label"
-    implied_settings = {"placement": "first"}  # labels were placed at each rollout's first decision points
+    implied_settings = {"placement": "first", "continuations": 1}  # as labels were made before these settings
 
     @classmethod
     def of(cls, rollouts_dir: str | os.PathLike) -> LabelFolder:
         return cls(Path(rollouts_dir) / LABELS_DIR)
 
     def success(self) -> dict[LabelPoint, list[float]]:
-        """Per labelled point, the success of each candidate by rank (1, 2, ...); points with a rank missing (an
-        interrupted run) are left out."""
-        by_point: dict[LabelPoint, dict[int, float]] = defaultdict(dict)
+        """Per labelled point, the success of each candidate by rank (1, 2, ...): the share of its continuations
+        graded right; points with a rank missing, or with fewer continuations of one rank than of another (an
+        interrupted run), are left out."""
+        by_point: dict[LabelPoint, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
         for record in self.read_records():
-            by_point[record.point][record.rank] = float(record.correct)
-        return {point: [ranks[r] for r in range(1, len(ranks) + 1)] for point, ranks in by_point.items()
-                if sorted(ranks) == list(range(1, len(ranks) + 1))}
+            by_point[record.point][record.rank].append(record.correct)
+        return {point: [sum(ranks[r]) / len(ranks[r]) for r in range(1, len(ranks) + 1)]
+                for point, ranks in by_point.items()
+                if sorted(ranks) == list(range(1, len(ranks) + 1)) and len({len(c) for c in ranks.values()}) == 1}
