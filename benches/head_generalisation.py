@@ -144,9 +144,11 @@ def cross_validate(points: Points, groups: torch.Tensor, problem_ids: list[str],
 
 def candidate_effect(success: torch.Tensor, continuations: int, groups: torch.Tensor) -> tuple[float, float]:
     """How much the candidates' own success rates differ at a point, beyond the sampling noise of `continuations`
-    graded continuations each: per point, the variance of the candidates' shares `success` `(points, k)` less its
-    expected sampling part (an unbiased estimate of each candidate's p(1 - p)/n is s(1 - s)/(n - 1)); the mean over
-    problems and its standard error. 0 means the candidates at a point do not differ at all; about 0.25 at most."""
+    graded continuations each: per point, the sample variance (divisor k - 1) of the candidates' shares `success`
+    `(points, k)` less its expected sampling part (s(1 - s)/(n - 1) estimates p(1 - p)/n without bias), which
+    estimates the same variance of their true rates p; the mean over problems and its standard error. 0 means the
+    candidates at a point do not differ at all; at most k / (4(k - 1)) for even k and (k + 1) / (4k) for odd
+    k (0.3 for k = 5: two certain candidates and three hopeless ones)."""
     noise = (success * (1 - success)).mean(-1) / (continuations - 1)
     effect = success.var(-1) - noise
     return mean_se(list(per_problem(effect, groups).values()))
@@ -155,7 +157,9 @@ def candidate_effect(success: torch.Tensor, continuations: int, groups: torch.Te
 def branch_signal(points: BranchBatch, groups: torch.Tensor, problem_ids: list[str],
                   folds: list[set[str]], continuations: int) -> dict:
     """What the branch labels say at their points, and what a cross-validated linear probe reads of it; with
-    several continuations per candidate, how much the candidates' own success rates differ ([`candidate_effect`])."""
+    several continuations per candidate, how much the candidates' own success rates differ ([`candidate_effect`]).
+    The other figures take the shares as they are: with sampled continuations their noise raises the oracle and
+    the disagreements; the candidate effect alone is corrected for it."""
     success = points.success
     chosen_probe = torch.zeros(len(points))
     for fold in folds:
@@ -229,12 +233,12 @@ def main() -> None:
     out = args.out or ROOT / "results" / f"generalisation-{Path(args.model).name}.json"
     command = " ".join(["python benches/head_generalisation.py", *sys.argv[1:]])
     record = {"tau": tau, "pool_problems": len(problem_ids), "folds": args.folds, "seed": args.seed,
-              "pool": problem_ids, "variants": {}}
+              "pool": problem_ids, "labels": labels.recorded_settings() if has_labels else None, "variants": {}}
     earlier = json.loads(out.read_text()) if out.exists() else {}
-    if same_pool(earlier, record):  # the variants and signal an earlier run on the same folds recorded stay
-        record["variants"] = earlier["variants"]
-        if "branch_signal" in earlier:
-            record["branch_signal"] = earlier["branch_signal"]
+    if same_pool(earlier, record):  # the variants an earlier run on the same folds (and labels) recorded stay
+        same_labels = earlier.get("labels") == record["labels"]
+        record["variants"] = {name: variant for name, variant in earlier["variants"].items()
+                              if same_labels or VARIANTS[name].get("labels") != "branches"}
     for name in args.variants.split(","):
         settings = replace(defaults, **VARIANTS[name])
         if settings.labels == "branches":

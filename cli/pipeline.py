@@ -140,9 +140,9 @@ def score(model, rollouts, cpu, dtype, as_json, **options):
 @cpu_option
 @json_option
 def label(model, rollouts, engine, engine_args, cpu, dtype, as_json, **options):
-    """Label decision points by branching: continue each top-k candidate greedily and grade it, so that `steer
-    train --labels branches` learns each candidate's own success. Writes ROLLOUTS/labels; resumes; shares the
-    branches among processes under `accelerate launch` or `torchrun`."""
+    """Label decision points by branching: continue each top-k candidate (greedily, or --continuations N times
+    sampled) and grade it, so that `steer train --labels branches` learns each candidate's own success. Writes
+    ROLLOUTS/labels; resumes; shares the branches among processes under `accelerate launch` or `torchrun`."""
     from steer.pipeline.distributed import current_workers
     from steer.pipeline.labels import label_branches
 

@@ -34,7 +34,8 @@ class Branch(Generic[T]):
         gold (`str`): the gold answer the full completion is graded against.
         tag (`T`): what its record holds besides the outcome (a labelled point, a headroom switch, ...).
         sampled (`bool`, defaults to `False`): decoded with sampling ([`BranchDecoding`]'s temperature and top-p)
-            rather than greedily; its seed comes from its key.
+            rather than greedily (seeded from the keys of its batch, or from its own key by a
+            [`Decoder`] such as vLLM's).
     """
 
     key: tuple

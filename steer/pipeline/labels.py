@@ -4,9 +4,9 @@ candidates (greedily, or several times sampled: `LabelSettings.continuations`) a
 candidate gets its own success: a per-point target for the head (`steer train --labels branches`) instead of the
 rollout-level advantage that spreads one reward over every decision point of a rollout.
 
-The labels go to `ROLLOUTS_DIR/labels/` ([`LabelFolder`]): one record per (rollout, position, candidate rank),
-appended as batches finish; an interrupted run resumes. They cost generated tokens: [`LabelSummary.tokens`] counts
-them, so label sources can be compared on the same budget.
+The labels go to `ROLLOUTS_DIR/labels/` ([`LabelFolder`]): one record per (rollout, position, candidate rank,
+continuation), appended as batches finish; an interrupted run resumes. They cost generated tokens:
+[`LabelSummary.tokens`] counts them, so label sources can be compared on the same budget.
 """
 
 from __future__ import annotations

@@ -41,10 +41,10 @@ class RecordStore:
     """
 
     def __init__(self, path: str | os.PathLike, key_fields: tuple[str, ...],
-                 key_defaults: Mapping[str, Any] = {}) -> None:
+                 key_defaults: Mapping[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.key_fields = key_fields
-        self.key_defaults = key_defaults
+        self.key_defaults = dict(key_defaults or {})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch(exist_ok=True)
         self._keys: set[tuple] = set()

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from dataclasses import replace
 
 import pytest
 import torch
 
 import steer
+from steer.pipeline import labels as labels_module
 from steer.pipeline.decoding import DecodingSettings
 from steer.pipeline.folders.labels import LabelFolder
 from steer.pipeline.folders.scores import Features
@@ -71,6 +73,11 @@ def test_an_older_labels_folder_resumes_as_labelled_at_the_first_points(labelled
     resumed = label_branches(planted_choice, tokenizer, old, PLANTED_LABELS, progress=False)
     assert resumed.branches == 0 and resumed.points == summary.points
     assert len(labels.records_path.read_text().splitlines()) == len(lines)  # nothing written twice
+    labels.records_path.write_text("".join(json.dumps(line) + "\n" for line in lines[:-2]))  # an interrupted run
+    resumed = label_branches(planted_choice, tokenizer, old, PLANTED_LABELS, progress=False)
+    assert resumed.branches == 2 and labels.success() == LabelFolder.of(folder).success()
+    written = [json.loads(line) for line in labels.records_path.read_text().splitlines()]
+    assert [line.get("continuation") for line in written[-3:]] == [None, 0, 0]  # only the two missing, new format
     with pytest.raises(StoreError, match="placement: stored 'first', now 'random'"):
         label_branches(planted_choice, tokenizer, old, replace(PLANTED_LABELS, placement="random"), progress=False)
     with pytest.raises(StoreError, match="continuations: stored 1, now 2"):
@@ -78,31 +85,44 @@ def test_an_older_labels_folder_resumes_as_labelled_at_the_first_points(labelled
 
 
 def test_sampled_continuations_label_each_candidate_by_its_share_of_right_answers(labelled, planted_choice,
-                                                                                    tokenizer, tmp_path):
+                                                                                    tokenizer, tmp_path, monkeypatch):
     """Three sampled continuations per candidate (T 0.6, seeded by key): three records each, the label their share
     graded right; on the planted model "7" still leads to the gold answer far more often than "6"."""
     folder, _ = labelled
     sampled = tmp_path / "sampled"
     shutil.copytree(folder, sampled, ignore=shutil.ignore_patterns("labels"))
     settings = replace(PLANTED_LABELS, continuations=3)
+    decoded = []
+    continue_branches = labels_module.continue_branches
+
+    def recording(model, tok, batch, *rest):  # the real decoding, noting which branches it was given
+        decoded.extend(batch)
+        return continue_branches(model, tok, batch, *rest)
+
+    monkeypatch.setattr(labels_module, "continue_branches", recording)
     summary = label_branches(planted_choice, tokenizer, sampled, settings, progress=False)
     assert summary.branches == 3 * 3 * summary.points > 0
+    assert all(branch.sampled for branch in decoded) and len({b.key for b in decoded}) == len(decoded)
     records = LabelFolder.of(sampled).read_records()
+    assert set(Counter((r.point, r.rank) for r in records).values()) == {3}
     assert sorted({r.continuation for r in records}) == [0, 1, 2]
     success = LabelFolder.of(sampled).success()
     assert len(success) == summary.points
     rates = torch.tensor(list(success.values()))
-    assert set((rates * 3).round().flatten().tolist()) <= {0.0, 1.0, 2.0, 3.0}
     assert rates[:, 1].mean() > rates[:, 0].mean() + 0.5
     again = label_branches(planted_choice, tokenizer, sampled, settings, progress=False)  # resumes: nothing left
     assert again.branches == 0
 
 
 def test_a_point_with_continuations_missing_is_left_out(tmp_path):
+    """Two continuations per candidate: a point with one missing, or with one only for every candidate (an even
+    but interrupted run), is left out."""
     labels = LabelFolder.of(tmp_path)
     labels.path.mkdir()
+    labels.settings_path.write_text(json.dumps({"continuations": 2}))
     rows = [("a", 1, 0, True), ("a", 1, 1, False), ("a", 2, 0, False), ("a", 2, 1, False),  # complete
-            ("b", 1, 0, True), ("b", 1, 1, True), ("b", 2, 0, False)]  # rank 2 lacks a continuation
+            ("b", 1, 0, True), ("b", 1, 1, True), ("b", 2, 0, False),  # rank 2 lacks a continuation
+            ("c", 1, 0, True), ("c", 2, 0, False)]  # each rank lacks one
     with labels.records_path.open("w") as out:
         for problem, rank, continuation, correct in rows:
             out.write(json.dumps({"problem_id": problem, "sample": 0, "position": 3, "rank": rank, "token": rank,

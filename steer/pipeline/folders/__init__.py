@@ -48,7 +48,7 @@ class Record:
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        """The fields with a plain default, and their defaults."""
+        """The fields with a plain default (not a `default_factory`: such a key field stays required), and it."""
         return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
     @classmethod
@@ -105,7 +105,8 @@ class RunFolder(Generic[R]):
     @property
     def required_fields(self) -> tuple[str, ...]:
         """The fields every stored record must hold: the key fields without a default and the record's own."""
-        return (*(name for name in self.key if name not in self.key_defaults), *self.record_type.required())
+        fields = [name for name in self.key if name not in self.key_defaults] + list(self.record_type.required())
+        return tuple(dict.fromkeys(fields))
 
     def store(self, path: Path | None = None) -> RecordStore:
         """The folder's record store, or a store of its records at another `path` (a worker's part)."""

@@ -1,4 +1,5 @@
-"""The labels folder: branch labels of decision points, one record per (rollout, position, candidate rank).
+"""The labels folder: branch labels of decision points, one record per (rollout, position, candidate rank,
+continuation).
 
 Layout of `ROLLOUTS_DIR/labels/` (written by `steer label`, see :mod:`steer.pipeline.labels`):
 
@@ -67,11 +68,13 @@ class LabelFolder(RunFolder[LabelRecord]):
 
     def success(self) -> dict[LabelPoint, list[float]]:
         """Per labelled point, the success of each candidate by rank (1, 2, ...): the share of its continuations
-        graded right; points with a rank missing, or with fewer continuations of one rank than of another (an
-        interrupted run), are left out."""
+        graded right; points with a rank missing, or a rank without all its continuations
+        (`LabelSettings.continuations`, as recorded), are left out (an interrupted run)."""
+        continuations = self.recorded_settings()["continuations"]
         by_point: dict[LabelPoint, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
         for record in self.read_records():
             by_point[record.point][record.rank].append(record.correct)
-        return {point: [sum(ranks[r]) / len(ranks[r]) for r in range(1, len(ranks) + 1)]
+        return {point: [sum(ranks[r]) / continuations for r in range(1, len(ranks) + 1)]
                 for point, ranks in by_point.items()
-                if sorted(ranks) == list(range(1, len(ranks) + 1)) and len({len(c) for c in ranks.values()}) == 1}
+                if sorted(ranks) == list(range(1, len(ranks) + 1))
+                and all(len(c) == continuations for c in ranks.values())}
