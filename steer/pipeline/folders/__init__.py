@@ -48,7 +48,8 @@ class Record:
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        """The fields with a plain default (not a `default_factory`: such a key field stays required), and it."""
+        """Each field with a plain default, and that default (a `default_factory` field is left out: as a key field it
+        stays required)."""
         return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
     @classmethod
@@ -98,7 +99,7 @@ class RunFolder(Generic[R]):
 
     @property
     def key_defaults(self) -> dict[str, Any]:
-        """The key fields with a default in the record type (added later; older records lack them), and it."""
+        """Each key field with a default in the record type (added later; older records lack it), and that default."""
         defaults = self.record_type.defaults()
         return {name: defaults[name] for name in self.key if name in defaults}
 
