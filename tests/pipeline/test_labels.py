@@ -115,14 +115,15 @@ def test_sampled_continuations_label_each_candidate_by_its_share_of_right_answer
 
 
 def test_a_point_with_continuations_missing_is_left_out(tmp_path):
-    """Two continuations per candidate: a point with one missing, or with one only for every candidate (an even
-    but interrupted run), is left out."""
+    """Two candidates, two continuations each: a point with one continuation missing, with one only for every
+    candidate (an even but interrupted run), or with a whole candidate missing, is left out."""
     labels = LabelFolder.of(tmp_path)
     labels.path.mkdir()
-    labels.settings_path.write_text(json.dumps({"continuations": 2}))
+    labels.settings_path.write_text(json.dumps({"continuations": 2, "top_k": 2}))
     rows = [("a", 1, 0, True), ("a", 1, 1, False), ("a", 2, 0, False), ("a", 2, 1, False),  # complete
             ("b", 1, 0, True), ("b", 1, 1, True), ("b", 2, 0, False),  # rank 2 lacks a continuation
-            ("c", 1, 0, True), ("c", 2, 0, False)]  # each rank lacks one
+            ("c", 1, 0, True), ("c", 2, 0, False),  # each rank lacks one
+            ("d", 1, 0, True), ("d", 1, 1, False)]  # rank 2 not written yet
     with labels.records_path.open("w") as out:
         for problem, rank, continuation, correct in rows:
             out.write(json.dumps({"problem_id": problem, "sample": 0, "position": 3, "rank": rank, "token": rank,

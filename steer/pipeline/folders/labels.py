@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steer.pipeline.folders import Record, RunFolder
+from steer.pipeline.folders.rollouts import RolloutFolder
 
 LABELS_DIR = "labels"
 LabelPoint = tuple[str, int, int]
@@ -66,15 +67,22 @@ class LabelFolder(RunFolder[LabelRecord]):
     def of(cls, rollouts_dir: str | os.PathLike) -> LabelFolder:
         return cls(Path(rollouts_dir) / LABELS_DIR)
 
+    def candidates(self) -> int:
+        """Candidates labelled at each point: the recorded top-k, or the scores' own top-k where that is smaller
+        (`plan_labels` labels the candidates the scores hold)."""
+        top_k = int(self.recorded_settings()["top_k"])
+        scores = RolloutFolder(self.path.parent).scores
+        return min(top_k, int(scores.recorded_settings()["top_k"])) if scores.settings_path.exists() else top_k
+
     def success(self) -> dict[LabelPoint, list[float]]:
         """Per labelled point, the success of each candidate by rank (1, 2, ...): the share of its continuations
-        graded right; points with a rank missing, or a rank without all its continuations
-        (`LabelSettings.continuations`, as recorded), are left out (an interrupted run)."""
+        graded right; points without every candidate ([`candidates`]) or with a candidate lacking some of its
+        continuations (`LabelSettings.continuations`, as recorded) are left out (an interrupted run)."""
         continuations = self.recorded_settings()["continuations"]
+        ranks = list(range(1, self.candidates() + 1))
         by_point: dict[LabelPoint, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
         for record in self.read_records():
             by_point[record.point][record.rank].append(record.correct)
-        return {point: [sum(ranks[r]) / continuations for r in range(1, len(ranks) + 1)]
-                for point, ranks in by_point.items()
-                if sorted(ranks) == list(range(1, len(ranks) + 1))
-                and all(len(c) == continuations for c in ranks.values())}
+        return {point: [sum(outcomes[r]) / continuations for r in ranks]
+                for point, outcomes in by_point.items()
+                if sorted(outcomes) == ranks and all(len(c) == continuations for c in outcomes.values())}
