@@ -14,7 +14,8 @@ With branch labels (`steer label`), the signal itself is measured at the labelle
 top-1's continuation succeeds, how often the best candidate's does (the oracle), how often the candidates disagree,
 and whether a linear probe on the hidden state, cross-validated over the same folds, picks a better candidate than
 the base top-1; with several sampled continuations per candidate (`steer label --continuations N`), how much the
-candidates' own success rates differ beyond sampling noise.
+candidates' own success rates differ beyond sampling noise; with `--compare-labels`, how far another labelling of
+the same points agrees with it.
 
 Writes `benches/results/generalisation-<model>.json`, keeping the variants (each with its command) and the branch
 signal that an earlier run on the same pool, folds and seed recorded there.
@@ -35,7 +36,7 @@ import torch
 from steer.files import atomic_write_json
 from steer.head import CorrectionHead, HeadConfig, output_embedding
 from steer.models import load_model
-from steer.pipeline.folders.labels import LabelFolder
+from steer.pipeline.folders.labels import LabelFolder, LabelPoint
 from steer.pipeline.folders.rollouts import RolloutFolder
 from steer.pipeline.objective import BranchBatch, Points, branch_batch, decision_batch
 from steer.pipeline.pool import resolve_tau, select_pool
@@ -197,6 +198,18 @@ def branch_signal(points: BranchBatch, groups: torch.Tensor, problem_ids: list[s
     }
 
 
+def label_agreement(labels: dict[LabelPoint, list[float]], other: dict[LabelPoint, list[float]]) -> dict:
+    """How far two labellings of the same points (say greedy and sampled continuations) agree on which candidate is
+    better: the correlation of the candidates' labels once each point's mean is taken out, over the points both
+    hold with as many candidates."""
+    common = sorted(key for key in labels if len(other.get(key, [])) == len(labels[key]))
+    if len(common) < 2:
+        return {"points": len(common), "within_point_correlation": None}
+    a, b = (torch.tensor([source[key] for key in common]) for source in (labels, other))
+    centred = torch.stack([(x - x.mean(-1, keepdim=True)).flatten() for x in (a, b)])
+    return {"points": len(common), "within_point_correlation": float(torch.corrcoef(centred)[0, 1])}
+
+
 def same_pool(earlier: dict, record: dict) -> bool:
     """Whether an earlier results file was made on the same pool and folds (tau compared to float32 precision: it is
     resolved from float32 entropies)."""
@@ -215,6 +228,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     parser.add_argument("--out", type=Path, help="the results file (default: results/generalisation-<model>.json; "
                         "name another for labels made differently on the same pool)")
+    parser.add_argument("--compare-labels", type=Path, help="another rollouts folder with labels of the same "
+                        "rollouts (for example greedy continuations at the same points): records how far the two "
+                        "labellings agree on which candidate is better")
     args = parser.parse_args()
     model, _ = load_model(args.model, device="cpu", dtype=torch.float32)
     embedding = output_embedding(model).detach()
@@ -260,6 +276,10 @@ def main() -> None:
         continuations = labels.recorded_settings()["continuations"]
         record["branch_signal"] = branch_signal(points, rollout_problem[points.rollout], problem_ids, folds,
                                                 continuations)
+        if args.compare_labels:
+            record["branch_signal"]["agreement"] = {
+                "labels": str(args.compare_labels),
+                **label_agreement(labels.success(), LabelFolder.of(args.compare_labels).success())}
         print(json.dumps(record["branch_signal"], indent=1))
     atomic_write_json(out, record)
     print(f"wrote {out}")
