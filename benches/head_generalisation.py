@@ -246,6 +246,7 @@ def main() -> None:
     folds = folds_of(problem_ids, args.folds, args.seed)
     labels = LabelFolder.of(folder.path)
     has_labels = labels.records_path.exists()
+    success = labels.success() if has_labels else {}
     out = args.out or ROOT / "results" / f"generalisation-{Path(args.model).name}.json"
     command = " ".join(["python benches/head_generalisation.py", *sys.argv[1:]])
     record = {"tau": tau, "pool_problems": len(problem_ids), "folds": args.folds, "seed": args.seed,
@@ -260,7 +261,7 @@ def main() -> None:
         if settings.labels == "branches":
             if not has_labels:
                 continue
-            points = branch_batch(features, labels.success(), tau, settings.top_k)
+            points = branch_batch(features, success, tau, settings.top_k)
         else:
             points = decision_batch(features, pool.advantages, tau, settings.top_k, settings.objective)
         groups = rollout_problem[points.rollout]
@@ -272,14 +273,14 @@ def main() -> None:
               f"+- {best.gain_se:.4f}; loss vs base there {best.loss_vs_base:+.4f} +- {best.loss_vs_base_se:.4f}",
               flush=True)
     if has_labels:
-        points = branch_batch(features, labels.success(), tau, defaults.top_k)
+        points = branch_batch(features, success, tau, defaults.top_k)
         continuations = labels.recorded_settings()["continuations"]
         record["branch_signal"] = branch_signal(points, rollout_problem[points.rollout], problem_ids, folds,
                                                 continuations)
         if args.compare_labels:
             record["branch_signal"]["agreement"] = {
                 "labels": str(args.compare_labels),
-                **label_agreement(labels.success(), LabelFolder.of(args.compare_labels).success())}
+                **label_agreement(success, LabelFolder.of(args.compare_labels).success())}
         print(json.dumps(record["branch_signal"], indent=1))
     atomic_write_json(out, record)
     print(f"wrote {out}")
