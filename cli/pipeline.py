@@ -134,7 +134,9 @@ def score(model, rollouts, cpu, dtype, as_json, **options):
 @click.option("--rollouts", "-r", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder written by `steer rollout` and `steer score`.")
 @settings_options(LabelSettings, help={"points": "Decision points labelled per rollout (which: --placement).",
-                                       "top_k": "Candidates continued per point (at least the head's top-k)."})
+                                       "top_k": "Candidates continued per point (at least the head's top-k).",
+                                       "temperature": "Sampling temperature of --continuations above 1 (one "
+                                                      "continuation is greedy)."})
 @engine_option
 @dtype_option
 @cpu_option

@@ -105,8 +105,8 @@ FLAGS: dict[str, Flag] = {
     # labels (LabelSettings)
     "placement": Flag("Which decision points of a rollout are labelled: its first ones, or a seeded random draw "
                       "among all of them.", click.Choice(LABEL_PLACEMENTS)),
-    "continuations": Flag("Continuations per candidate: 1 greedy, or this many sampled at T 0.6 (the label: the "
-                          "share graded right).", POSITIVE),
+    "continuations": Flag("Continuations per candidate: 1 greedy, or this many sampled at --temperature and --top-p "
+                          "(the label: the share graded right).", POSITIVE),
     # analysis
     "points": Flag("Decision points branched per completion (its highest-entropy ones).", POSITIVE),
     "rounds": Flag("Switches in a row: a failed branch is branched again after its last switch.", POSITIVE),

@@ -244,10 +244,12 @@ class LabelSettings(GateSettings):
             position 15 of a 276-token completion, the wording of the opening sentence, where its decision points
             as a whole have median position 70).
         top_k (`int`, defaults to 5): candidates continued per point (the head's top-k or more).
-        continuations (`int`, defaults to 1): continuations per candidate: one greedy, or this many sampled at T 0.6
-            and top-p 0.95, the candidate's label being the share graded right. One greedy continuation grades the
-            candidate together with how the rest of the completion reacts to any change of its prefix; several
-            estimate the candidate's own success rate (at that many times the tokens).
+        continuations (`int`, defaults to 1): continuations per candidate: one greedy, or this many sampled at
+            `temperature` and `top_p`, the candidate's label being the share graded right. One greedy continuation
+            grades the candidate together with how the rest of the completion reacts to any change of its prefix;
+            several estimate the candidate's own success rate (at that many times the tokens).
+        temperature (`float`, defaults to 0.6), top_p (`float`, defaults to 0.95): the sampling of continuations
+            when there are several (the rollouts' own; one continuation is greedy).
         pool_problems (`int`, defaults to 50): rollouts of this many problems with both outcomes, nearest a pass
             rate of 0.5 (the training pool's problems).
         max_new_tokens (`int`, defaults to 256): the completion's token budget, prefix included.
@@ -258,6 +260,8 @@ class LabelSettings(GateSettings):
     placement: LabelPlacement = "first"
     top_k: int = 5
     continuations: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
     pool_problems: int = 50
     max_new_tokens: int = 256
     batch_size: int = 64
@@ -268,6 +272,9 @@ class LabelSettings(GateSettings):
             raise ValueError(f"placement must be one of {', '.join(LABEL_PLACEMENTS)}; got {self.placement!r}")
         if self.continuations < 1:
             raise ValueError(f"continuations must be at least 1; got {self.continuations!r}")
+        if self.continuations > 1 and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"{self.continuations} sampled continuations need temperature > 0 and 0 < top_p <= 1; "
+                             f"got temperature={self.temperature!r}, top_p={self.top_p!r}")
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def label_branches(
     features = folder.scores.features(pool.keys)
     tau = resolve_tau(settings, torch.cat(features.entropy), features.floor)
     branches = plan_labels(features, {r.key: r for r in rollouts}, tau, settings)
-    decoding = BranchDecoding(settings.max_new_tokens, seed=settings.seed)
+    decoding = BranchDecoding(settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed)
     labels = LabelFolder.of(rollouts_dir)
     job = Job(
         label="labels", unit="branch", folder=labels,

@@ -95,7 +95,8 @@ class TrainingRecord:
 
     Attributes:
         steer (`str`): the library's version. model (`str`): the base model. data (`dict[str, str]`): the rollouts
-            folder and content hashes of its rollouts and scores index.
+            folder and content hashes of its rollouts and scores index (and of its labels, for a head trained on
+            branch labels).
         settings ([`TrainSettings`]). tau (`float`): the resolved decision threshold (nats). pool ([`PoolRecord`]).
         curve (`list[CurvePoint]`): per training step. heldout (`list[HeldoutEvaluation]`): the held-out evaluations
             (step 0 is the untrained head).
@@ -198,7 +199,7 @@ def train_head(
     record = TrainingRecord(
         steer=__version__,
         model=model.name_or_path,
-        data=_fingerprint_data(folder),
+        data=_fingerprint_data(folder, settings.labels == "branches"),
         settings=settings,
         tau=tau,
         pool=PoolRecord(
@@ -389,13 +390,17 @@ def problem_gain(point_gain: torch.Tensor, groups: torch.Tensor | None) -> Estim
     return Estimate(float(means.mean()), error)
 
 
-def _fingerprint_data(folder: RolloutFolder) -> dict[str, str]:
-    """Content hashes of the rollouts and the scores index, so a head names exactly the data it learned from."""
-    return {
+def _fingerprint_data(folder: RolloutFolder, branch_labels: bool) -> dict[str, str]:
+    """Content hashes of the rollouts, the scores index and, for a head trained on branch labels, the labels, so a
+    head names exactly the data it learned from."""
+    data = {
         "rollouts_dir": str(folder.path),
         "rollouts_sha256": _sha256(folder.records_path),
         "scores_sha256": _sha256(folder.scores.records_path),
     }
+    if branch_labels:
+        data["labels_sha256"] = _sha256(LabelFolder.of(folder.path).records_path)
+    return data
 
 
 def _sha256(path: Path) -> str:

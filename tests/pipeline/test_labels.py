@@ -4,6 +4,7 @@ and a head trained on them must make greedy decoding choose "7"."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -55,15 +56,17 @@ def test_branch_labels_give_each_candidate_its_own_success(labelled, tokenizer):
 
 def test_an_older_labels_folder_resumes_as_labelled_at_the_first_points(labelled, planted_choice, tokenizer,
                                                                          tmp_path):
-    """A labels folder written before `placement`, `continuations` and the `continuation` key field existed (its
-    settings and records stripped of them) was labelled at the first points with one greedy continuation: it reads
-    the same, resumes with nothing left to do, and refuses other settings."""
+    """A labels folder written before `placement`, `continuations`, `temperature`, `top_p` and the `continuation`
+    key field existed (its settings and records stripped of them) was labelled at the first points with one greedy
+    continuation (sampled ones were drawn at T 0.6, top-p 0.95): it reads the same, resumes with nothing left to do,
+    and refuses other settings."""
     folder, summary = labelled
     old = tmp_path / "old"
     shutil.copytree(folder, old)
     labels = LabelFolder.of(old)
     stored = json.loads(labels.settings_path.read_text())
-    assert (stored.pop("placement"), stored.pop("continuations")) == ("first", 1)
+    assert [stored.pop(name) for name in ("placement", "continuations", "temperature", "top_p")] == ["first", 1,
+                                                                                                     0.6, 0.95]
     labels.settings_path.write_text(json.dumps(stored))
     lines = [json.loads(line) for line in labels.records_path.read_text().splitlines()]
     assert all(line.pop("continuation") == 0 for line in lines)
@@ -82,27 +85,33 @@ def test_an_older_labels_folder_resumes_as_labelled_at_the_first_points(labelled
         label_branches(planted_choice, tokenizer, old, replace(PLANTED_LABELS, placement="random"), progress=False)
     with pytest.raises(StoreError, match="continuations: stored 1, now 2"):
         label_branches(planted_choice, tokenizer, old, replace(PLANTED_LABELS, continuations=2), progress=False)
+    with pytest.raises(StoreError, match="temperature: stored 0.6, now 0.8"):
+        label_branches(planted_choice, tokenizer, old, replace(PLANTED_LABELS, temperature=0.8), progress=False)
 
 
 def test_sampled_continuations_label_each_candidate_by_its_share_of_right_answers(labelled, planted_choice,
                                                                                     tokenizer, tmp_path, monkeypatch):
-    """Three sampled continuations per candidate (T 0.6, seeded by key): three records each, the label their share
-    graded right; on the planted model "7" still leads to the gold answer far more often than "6"."""
+    """Three sampled continuations per candidate (at the settings' T 0.8 and top-p 0.9, seeded by key): three
+    records each, the label their share graded right; on the planted model "7" still leads to the gold answer far
+    more often than "6"."""
     folder, _ = labelled
     sampled = tmp_path / "sampled"
     shutil.copytree(folder, sampled, ignore=shutil.ignore_patterns("labels"))
-    settings = replace(PLANTED_LABELS, continuations=3)
-    decoded = []
+    settings = replace(PLANTED_LABELS, continuations=3, temperature=0.8, top_p=0.9)
+    decoded, decodings = [], set()
     continue_branches = labels_module.continue_branches
 
-    def recording(model, tok, batch, *rest):  # the real decoding, noting which branches it was given
+    def recording(model, tok, batch, decoding, *rest):  # the real decoding, noting what it was given
         decoded.extend(batch)
-        return continue_branches(model, tok, batch, *rest)
+        decodings.add((decoding.temperature, decoding.top_p))
+        return continue_branches(model, tok, batch, decoding, *rest)
 
     monkeypatch.setattr(labels_module, "continue_branches", recording)
     summary = label_branches(planted_choice, tokenizer, sampled, settings, progress=False)
     assert summary.branches == 3 * 3 * summary.points > 0
     assert all(branch.sampled for branch in decoded) and len({b.key for b in decoded}) == len(decoded)
+    assert decodings == {(0.8, 0.9)}
+    assert LabelFolder.of(sampled).recorded_settings()["temperature"] == 0.8
     records = LabelFolder.of(sampled).read_records()
     assert set(Counter((r.point, r.rank) for r in records).values()) == {3}
     assert sorted({r.continuation for r in records}) == [0, 1, 2]
@@ -162,6 +171,9 @@ def test_label_placement_first_or_a_seeded_draw_among_all_decision_points():
         LabelSettings(placement="middle")
     with pytest.raises(ValueError, match="continuations must be at least 1"):
         LabelSettings(continuations=0)
+    with pytest.raises(ValueError, match="3 sampled continuations need temperature > 0"):
+        LabelSettings(continuations=3, temperature=0.0)
+    assert LabelSettings(temperature=0.0).temperature == 0.0  # one greedy continuation: no sampling to set
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +188,8 @@ def branch_head(labelled, planted_choice):
 def test_a_head_trained_on_branch_labels_takes_the_better_branch(branch_head, planted_choice, tokenizer):
     result = branch_head
     assert result.record.settings.labels == "branches" and result.record.pool.train_points > 0
+    labels_file = LabelFolder.of(result.record.data["rollouts_dir"]).records_path
+    assert result.record.data["labels_sha256"] == hashlib.sha256(labels_file.read_bytes()).hexdigest()
     prompt = tokenizer("<|user|>Count 9<|assistant|>", add_special_tokens=False, return_tensors="pt")
     plain = planted_choice.generate(**prompt, do_sample=False, max_new_tokens=12)
     steered = steer.generate(planted_choice, result.head, **prompt, do_sample=False, max_new_tokens=12)

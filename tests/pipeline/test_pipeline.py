@@ -132,6 +132,7 @@ def test_pipeline_end_to_end_in_python(tiny_model_dir, arithmetic_file, tmp_path
     head_dir = result.save(tmp_path / "head")
     record = json.loads((head_dir / "training.json").read_text())
     assert record["pool"]["train_points"] > 0 and len(record["curve"]) == 12
+    assert set(record["data"]) == {"rollouts_dir", "rollouts_sha256", "scores_sha256"}  # no labels: advantages
     assert all(torch.isfinite(torch.tensor(step["loss"])) for step in record["curve"])
     head = steer.CorrectionHead.from_pretrained(head_dir)
     assert head.tau == pytest.approx(record["tau"]) and head.config.tau_quantile == 0.5

@@ -61,7 +61,8 @@ class LabelFolder(RunFolder[LabelRecord]):
     record_type = LabelRecord
     key = ("problem_id", "sample", "position", "rank", "continuation")
     writer = "steer label"
-    implied_settings = {"placement": "first", "continuations": 1}  # as labels were made before these settings
+    # as labels were made before these settings (sampled continuations were drawn at the rollouts' T 0.6, top-p 0.95)
+    implied_settings = {"placement": "first", "continuations": 1, "temperature": 0.6, "top_p": 0.95}
 
     @classmethod
     def of(cls, rollouts_dir: str | os.PathLike) -> LabelFolder:
