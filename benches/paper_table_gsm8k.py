@@ -376,6 +376,9 @@ def table_record(setup: Setup) -> dict:
     validation_records = records(setup, "greedy", "validation")  # the LoRA's checkpoints, paired with base
     if validation_records:
         rows["validation"] = arm_rows(summarize(validation_records, 1), "validation")
+    pilot_records = records(setup, "pilot", "validation")  # held-out train problems: a first sampled comparison
+    if pilot_records:
+        rows["pilot"] = arm_rows(summarize(pilot_records, setup.pilot_samples), "validation")
     runs = head_runs(setup.out / "heads", parameters)
     untrained = untrained_heads(setup)
     compute = {name: {"flops": run.flops, "seconds": run.seconds, "tokens": run.tokens, "tau": run.head.tau,
@@ -450,7 +453,9 @@ def markdown(record: dict) -> str:
     for mode, title in (("greedy", "Greedy (exact McNemar against base)"),
                         ("sampled", "avg@N at T 0.6 (sign-flip permutation test against base)"),
                         ("one sample", "One sample at T 0.6 (sample 0 of each arm; McNemar against base)"),
-                        ("validation", "Greedy on the validation problems (GSM8K train; the LoRA's checkpoints)")):
+                        ("validation", "Greedy on the validation problems (GSM8K train; the LoRA's checkpoints)"),
+                        ("pilot", f"avg@{record['settings']['pilot_samples']} at T 0.6 on the validation problems "
+                                  "(the power pilot; sign-flip permutation test against base)")):
         rows = record["rows"].get(mode) or {}
         if not rows:
             continue
@@ -462,6 +467,13 @@ def markdown(record: dict) -> str:
             lines.append(f"| {arm} | {row['accuracy']:.3f} | {diff} | {p} | {row['truncated']:.1%} | "
                          f"{row['gated_fraction']:.1%} | {row['changed_fraction']:.1%} |")
         lines.append("")
+    if record["power"]:
+        power = record["power"]
+        lines += [f"Power pilot: avg@N's N = {power['samples']} (a {power['effect']:g} difference over "
+                  f"{power['problems']} problems at power {power['power']:g}; per arm: "
+                  + ", ".join(f"{arm} {'none reaches it' if a['samples'] is None else a['samples']}"
+                              for arm, a in power["arms"].items())
+                  + ("; capped at --max-samples" if power["capped"] else "") + ").", ""]
     if record["rollouts"]:
         r = record["rollouts"]
         lines += ["## Rollouts", "", f"{r['rollouts']} rollouts of {r['problems']} train problems at T 0.6: mean "

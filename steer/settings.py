@@ -249,7 +249,7 @@ class LabelSettings(GateSettings):
             grades the candidate together with how the rest of the completion reacts to any change of its prefix;
             several estimate the candidate's own success rate (at that many times the tokens).
         temperature (`float`, defaults to 0.6), top_p (`float`, defaults to 0.95): the sampling of continuations
-            when there are several (the rollouts' own; one continuation is greedy).
+            when there are several (the rollouts' defaults; one continuation is greedy).
         pool_problems (`int`, defaults to 50): rollouts of this many problems with both outcomes, nearest a pass
             rate of 0.5 (the training pool's problems).
         max_new_tokens (`int`, defaults to 256): the completion's token budget, prefix included.
