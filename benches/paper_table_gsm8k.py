@@ -20,7 +20,8 @@ engine.
 `--stage table` decodes, each arm in a process of its own (an engine per arm, released when it ends), in this
 order, skipping what is done: greedy base, advantage head, branch head and LoRA; the power pilot (`--pilot-samples`
 at T 0.6 on the validation problems); avg@N at T 0.6 for base, the advantage head and the LoRA, and the gate alone
-(one sample, paired with base's sample 0); then renders. `--stage render` only renders. Every folder resumes in
+(one sample, paired with base's sample 0); then renders. `--stage render` only renders; while sampled arms are
+unfinished it also renders them, paired on the problems each has decoded in full. Every folder resumes in
 `benches/runs/gsm8k-<model>/`, and the heads' stage times are summed over the sittings that ran them. A head for
 which the library's rule keeps the untrained head (`TrainSettings.null_margin`) decodes as base: it is no arm.
 
@@ -35,6 +36,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -115,6 +117,7 @@ class ArmSpec:
 
 
 ARMS = ("base", "advantage head", "branch head", "gate", "lora")
+SAMPLED_ARMS = ("base", "advantage head", "lora", "gate")  # avg@N at T 0.6, in the order decoded; the gate once
 
 
 def arm_specs(setup: Setup) -> dict[str, ArmSpec]:
@@ -201,6 +204,48 @@ def records(setup: Setup, mode: str, split: str = "test") -> list[PredictionReco
         if (folder / "summary.json").exists():
             found += PredictionFolder(folder).records()
     return found
+
+
+def unfinished(setup: Setup) -> tuple[dict[str, dict[str, int]], dict[str, list[PredictionRecord]]]:
+    """The sampled test arms while some have not finished: per arm, decodes done and planned, and the records of
+    each arm begun. Both empty once every arm is done."""
+    arms = [name for name in SAMPLED_ARMS if name in arm_specs(setup)]
+    folders = {name: setup.out / "sampled" / "test" / name.replace(" ", "-") for name in arms}
+    if all((folder / "summary.json").exists() for folder in folders.values()):
+        return {}, {}
+    n, test = sampled_n(setup), len(setup.problems()[2])
+    begun = {name: PredictionFolder(folder).records() if (folder / "predictions.jsonl").exists() else []
+             for name, folder in folders.items()}
+    progress = {name: {"done": len(found), "planned": test if name == "gate" else n * test}
+                for name, found in begun.items()}
+    return progress, {name: found for name, found in begun.items() if found}
+
+
+def paired_so_far(begun: dict[str, list[PredictionRecord]], samples: int) -> list[PredictionRecord]:
+    """The records of `begun` on the problems every arm there has decoded `samples` times, so that they pair. An
+    evaluation decodes the longest prompts first, so an unfinished run's problems are the hardest."""
+    counts = [Counter(r.problem_id for r in found) for found in begun.values()]
+    complete = set.intersection(*({pid for pid, count in c.items() if count == samples} for c in counts))
+    return [r for found in begun.values() for r in found if r.problem_id in complete]
+
+
+def sampled_so_far(setup: Setup) -> tuple[dict[str, dict[str, int]], dict[str, dict]]:
+    """While the sampled test arms are unfinished: their progress ([`unfinished`]) and table rows paired on the
+    problems decoded in full so far, with greedy on the same problems for scale (they are the hardest)."""
+    progress, begun = unfinished(setup)
+    rows = {}
+    averaged = {arm: found for arm, found in begun.items() if arm != "gate"}
+    averaged = paired_so_far(averaged, sampled_n(setup)) if averaged else []
+    if averaged:
+        rows["sampled, unfinished"] = arm_rows(summarize(averaged, sampled_n(setup)), "test")
+        problems = {r.problem_id for r in averaged}
+        rows["greedy, the unfinished run's problems"] = arm_rows(
+            summarize([r for r in records(setup, "greedy") if r.problem_id in problems], 1), "test")
+    if "gate" in begun and "base" in begun:
+        first = paired_so_far({"base": [r for r in begun["base"] if r.sample == 0], "gate": begun["gate"]}, 1)
+        if first:
+            rows["one sample, unfinished"] = arm_rows(summarize(first, 1), "test")
+    return progress, rows
 
 
 def pilot(setup: Setup, argv: list[str]) -> dict:
@@ -300,7 +345,7 @@ def stage_table(setup: Setup, argv: list[str], modes: tuple[str, ...] = MODES) -
     if "pilot" in modes:
         pilot(setup, argv)
     if "sampled" in modes:
-        for name in ("base", "advantage head", "lora", "gate"):
+        for name in SAMPLED_ARMS:
             if name in arms:
                 run_decode(setup, argv, name, "sampled")
     stage_render(setup, argv)
@@ -373,6 +418,8 @@ def table_record(setup: Setup) -> dict:
         if mode == "sampled" and gate:
             first = [r for r in found if r.sample == 0 and r.arm == "base"] + gate
             rows["one sample"] = arm_rows(summarize(first, 1), "test")
+    progress, unfinished_rows = sampled_so_far(setup)
+    rows.update(unfinished_rows)
     validation_records = records(setup, "greedy", "validation")  # the LoRA's checkpoints, paired with base
     if validation_records:
         rows["validation"] = arm_rows(summarize(validation_records, 1), "validation")
@@ -405,7 +452,7 @@ def table_record(setup: Setup) -> dict:
         "problems": {"train": len(train), "validation": len(validation), "test": len(test)},
         "settings": {k: str(v) for k, v in asdict(setup).items()},
         "power": json.loads(power.read_text()) if power.exists() else None,
-        "rows": rows, "compute": compute, "heads": heads,
+        "rows": rows, "progress": progress, "compute": compute, "heads": heads,
         "footprint": _footprint_figures(json.loads(fp.read_text())) if fp.exists() else None,
         "intervention": json.loads(iv.read_text()) if iv.exists() else None,
         "rollouts": asdict(RolloutStatistics.of(setup.out / "heads")) if rollouts.exists() else None,
@@ -453,6 +500,12 @@ def markdown(record: dict) -> str:
     for mode, title in (("greedy", "Greedy (exact McNemar against base)"),
                         ("sampled", "avg@N at T 0.6 (sign-flip permutation test against base)"),
                         ("one sample", "One sample at T 0.6 (sample 0 of each arm; McNemar against base)"),
+                        ("sampled, unfinished", "avg@N at T 0.6, unfinished: on the problems every arm begun has "
+                                                "decoded in full, the longest prompts and so the hardest; not the "
+                                                "table's result"),
+                        ("greedy, the unfinished run's problems", "Greedy on the same problems, for scale"),
+                        ("one sample, unfinished", "One sample at T 0.6, unfinished: the gate against base's sample "
+                                                   "0 on the problems both have decoded"),
                         ("validation", "Greedy on the validation problems (GSM8K train; the LoRA's checkpoints)"),
                         ("pilot", f"avg@{record['settings']['pilot_samples']} at T 0.6 on the validation problems "
                                   "(the power pilot; sign-flip permutation test against base)")):
@@ -467,6 +520,10 @@ def markdown(record: dict) -> str:
             lines.append(f"| {arm} | {row['accuracy']:.3f} | {diff} | {p} | {row['truncated']:.1%} | "
                          f"{row['gated_fraction']:.1%} | {row['changed_fraction']:.1%} |")
         lines.append("")
+    if record["progress"]:
+        lines += ["Sampled arms so far: " + ", ".join(f"{arm} {p['done']} of {p['planned']} decodes"
+                                                     for arm, p in record["progress"].items())
+                  + "; they resume with `python benches/paper_table_gsm8k.py --stage table --modes sampled`.", ""]
     if record["power"]:
         power = record["power"]
         lines += [f"Power pilot: avg@N's N = {power['samples']} (a {power['effect']:g} difference over "
