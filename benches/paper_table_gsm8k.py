@@ -234,10 +234,11 @@ def sampled_so_far(setup: Setup) -> tuple[dict[str, dict[str, int]], dict[str, d
     problems decoded in full so far, with greedy on the same problems for scale (they are the hardest)."""
     progress, begun = unfinished(setup)
     rows = {}
-    averaged = {arm: found for arm, found in begun.items() if arm != "gate"}
-    averaged = paired_so_far(averaged, sampled_n(setup)) if averaged else []
+    n = sampled_n(setup)
+    averaged_arms = {arm: found for arm, found in begun.items() if arm != "gate"}
+    averaged = paired_so_far(averaged_arms, n) if averaged_arms else []
     if averaged:
-        rows["sampled, unfinished"] = arm_rows(summarize(averaged, sampled_n(setup)), "test")
+        rows["sampled, unfinished"] = arm_rows(summarize(averaged, n), "test")
         problems = {r.problem_id for r in averaged}
         rows["greedy, the unfinished run's problems"] = arm_rows(
             summarize([r for r in records(setup, "greedy") if r.problem_id in problems], 1), "test")
