@@ -231,12 +231,14 @@ def paired_so_far(begun: dict[str, list[PredictionRecord]], samples: int) -> lis
 
 def sampled_so_far(setup: Setup) -> tuple[dict[str, dict[str, int]], dict[str, dict]]:
     """While the sampled test arms are unfinished: their progress ([`unfinished`]) and table rows paired on the
-    problems decoded in full so far, with greedy on the same problems for scale (they are the hardest)."""
+    problems decoded in full so far, with greedy on the same problems for scale (they are the hardest). The avg@N
+    arms get such rows only while one of them is unfinished; once all are done, the finished table has them."""
     progress, begun = unfinished(setup)
     rows = {}
     n = sampled_n(setup)
     averaged_arms = {arm: found for arm, found in begun.items() if arm != "gate"}
-    averaged = paired_so_far(averaged_arms, n) if averaged_arms else []
+    averaged_done = all(progress[arm]["done"] == progress[arm]["planned"] for arm in averaged_arms)
+    averaged = paired_so_far(averaged_arms, n) if averaged_arms and not averaged_done else []
     if averaged:
         rows["sampled, unfinished"] = arm_rows(summarize(averaged, n), "test")
         problems = {r.problem_id for r in averaged}
