@@ -540,11 +540,9 @@ def markdown(record: dict) -> str:
                   f"reward {r['mean_reward']:.3f}, {r['mixed_problems']} problems with right and wrong rollouts, "
                   f"{r['truncated']:.1%} truncated, median {r['median_tokens']:.0f} tokens.", ""]
     lines += heads_section(record) + lora_section(record)
-    if record["not_run"]:
-        lines += [f"Not run yet: {', '.join(record['not_run'])}. GRPO does not fit this machine's budget (see "
-                  "docs/benchmarks.md); published context, never a paired arm: SimpleRL-Zoo's Qwen2.5-0.5B, "
-                  "GSM8K 36.7 -> 49.5.",
-                  ""]
+    not_run = f"Not run yet: {', '.join(record['not_run'])}. " if record["not_run"] else ""
+    lines += [f"{not_run}GRPO does not fit this machine's budget (see docs/benchmarks.md); published context, never a "
+              "paired arm: SimpleRL-Zoo's Qwen2.5-0.5B, GSM8K 36.7 -> 49.5.", ""]
     if record["compute"]:
         lines += ["## Compute", "", "| arm | FLOPs | wall seconds (2 cores) |", "|---|---|---|"]
         lines += [f"| {arm} | {c['flops']:.3g} | {c['seconds']:.0f} |" for arm, c in record["compute"].items()]
