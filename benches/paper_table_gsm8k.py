@@ -229,6 +229,11 @@ def paired_so_far(begun: dict[str, list[PredictionRecord]], samples: int) -> lis
     return [r for found in begun.values() for r in found if r.problem_id in complete]
 
 
+def one_sample(base: list[PredictionRecord], gate: list[PredictionRecord]) -> list[PredictionRecord]:
+    """Base's sample 0 and the gate's one sample at T 0.6, on the problems both have decoded: the gate's pairs."""
+    return paired_so_far({"base": [r for r in base if r.sample == 0], "gate": gate}, 1)
+
+
 def sampled_so_far(setup: Setup) -> tuple[dict[str, dict[str, int]], dict[str, dict]]:
     """While the sampled test arms are unfinished: their progress ([`unfinished`]) and table rows paired on the
     problems decoded in full so far, with greedy on the same problems for scale (they are the hardest). The avg@N
@@ -245,7 +250,7 @@ def sampled_so_far(setup: Setup) -> tuple[dict[str, dict[str, int]], dict[str, d
         rows["greedy, the unfinished run's problems"] = arm_rows(
             summarize([r for r in records(setup, "greedy") if r.problem_id in problems], 1), "test")
     if "gate" in begun and "base" in begun:
-        first = paired_so_far({"base": [r for r in begun["base"] if r.sample == 0], "gate": begun["gate"]}, 1)
+        first = one_sample(begun["base"], begun["gate"])
         if first:
             rows["one sample, unfinished"] = arm_rows(summarize(first, 1), "test")
     return progress, rows
@@ -418,8 +423,8 @@ def table_record(setup: Setup) -> dict:
             found = [r for r in found if r.arm != "gate"]
         summary = summarize(found, 1 if mode == "greedy" else sampled_n(setup)) if found else None
         rows[mode] = arm_rows(summary, "test") if summary else {}
-        if mode == "sampled" and gate:
-            first = [r for r in found if r.sample == 0 and r.arm == "base"] + gate
+        first = one_sample([r for r in found if r.arm == "base"], gate) if mode == "sampled" and gate else []
+        if first:
             rows["one sample"] = arm_rows(summarize(first, 1), "test")
     progress, unfinished_rows = sampled_so_far(setup)
     rows.update(unfinished_rows)
