@@ -20,12 +20,18 @@ engine.
 `--stage table` decodes, each arm in a process of its own (an engine per arm, released when it ends), in this
 order, skipping what is done: greedy base, advantage head, branch head and LoRA; the power pilot (`--pilot-samples`
 at T 0.6 on the validation problems); avg@N at T 0.6 for base, the advantage head and the LoRA, and the gate alone
-(one sample, paired with base's sample 0); then renders. `--stage render` only renders; while sampled arms are
-unfinished it also renders them, paired on the problems each has decoded in full. Every folder resumes in
+(one sample at T 0.6, decoded beside a plain base sample with the same seeds in the same engine); then renders.
+`--stage render` only renders; while sampled arms are unfinished it also renders them, paired on the problems each
+has decoded in full. Every folder resumes in
 `benches/runs/gsm8k-<model>/`, and the heads' stage times are summed over the sittings that ran them. A head for
 which the library's rule keeps the untrained head (`TrainSettings.null_margin`) decodes as base: it is no arm.
 
-Writes `benches/results/paper_table_gsm8k.{md,json,png}`.
+`--stage gate` decodes only the gate and its paired base sample (at `--gate-tau`, by default the advantage head's
+tau, so that it runs without the heads' folder), then updates the gate's rows of the rendered table in place, the
+rest of the record as it was, and records every problem's pair in `paper_table_gsm8k-gate.json` (`--stage
+gate-render` only updates).
+
+Writes `benches/results/paper_table_gsm8k.{md,json,png}` and `paper_table_gsm8k-gate.json`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from heads import HeldOutCurve, RolloutStatistics, Stages, head_runs, make_heads, rollout_cost
 from paper_table_real import required_samples
@@ -79,6 +86,7 @@ class Setup:
     footprint_problems: int = 100
     dtype: str = "float32"
     seed: int = 0
+    gate_tau: float | None = None  # the gate alone: its threshold, by default the advantage head's
 
     def problems(self) -> tuple[list[Problem], list[Problem], list[Problem]]:
         train = load_problems(self.train_file, limit=self.train_problems + self.validation_problems)
@@ -104,7 +112,7 @@ class Setup:
 @dataclass(frozen=True)
 class ArmSpec:
     """One arm of the table: the model folder it decodes with, and a head (steered in vLLM) or a gate threshold
-    (the gate-only baseline, in transformers)."""
+    (the gate-only baseline, a vLLM logits processor)."""
 
     name: str
     model: str
@@ -129,8 +137,10 @@ def arm_specs(setup: Setup) -> dict[str, ArmSpec]:
     for name in ("advantage head", "branch head"):
         if (heads / name.replace(" ", "-") / "config.json").exists() and name not in untrained:
             arms[name] = ArmSpec(name, setup.model, head=str(heads / name.replace(" ", "-")))
-    if (heads / "advantage-head" / "config.json").exists():  # the gate alone, at the default head's tau
+    tau = setup.gate_tau
+    if tau is None and (heads / "advantage-head" / "config.json").exists():  # the gate alone, at the default head's
         tau = json.loads((heads / "advantage-head" / "config.json").read_text())["tau"]
+    if tau is not None:
         arms["gate"] = ArmSpec("gate", setup.model, gate_tau=tau)
     selected = setup.out / "lora" / "selected.json"
     if selected.exists():
@@ -152,7 +162,7 @@ def decode_arm(setup: Setup, arm: ArmSpec, mode: str, split: str) -> Path:
     _, validation, test = setup.problems()
     problems = {"test": test, "validation": validation}[split]
     if mode == "greedy" or arm.gate_tau is not None:
-        samples = 1  # the gate: one sample at T 0.6, paired with every other arm's sample 0
+        samples = 1  # the gate: one sample at T 0.6, beside its own paired base sample
     else:
         samples = setup.pilot_samples if mode == "pilot" else sampled_n(setup)
     settings = setup.eval_settings(samples, 0.0 if mode == "greedy" else TEMPERATURE)
@@ -160,14 +170,14 @@ def decode_arm(setup: Setup, arm: ArmSpec, mode: str, split: str) -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(arm.model)
-    if arm.gate_tau is not None:  # vLLM with the gate as a logits processor, paired draw by draw with base
+    if arm.gate_tau is not None:  # one engine with the gate as a logits processor: base and gated, draw by draw
         from gate_baseline import GATE_KEY, VllmDecisionArgmax
 
         from steer.integrations.vllm.decoding import vllm_decoders
 
         base, _ = vllm_decoders(arm.model, tokenizer, None, setup.dtype, setup.seed,
                                 logits_processors=[VllmDecisionArgmax])
-        arms = [Arm(arm.name, replace(base, extra_args={GATE_KEY: arm.gate_tau}))]
+        arms = [Arm("base", base), Arm(arm.name, replace(base, extra_args={GATE_KEY: arm.gate_tau}))]
     else:
         from steer.head import CorrectionHead
         from steer.integrations.vllm.decoding import vllm_decoders
@@ -198,12 +208,26 @@ def run_decode(setup: Setup, argv: list[str], arm: str, mode: str, split: str = 
 
 
 def records(setup: Setup, mode: str, split: str = "test") -> list[PredictionRecord]:
-    """Every arm's predictions in `mode` on `split`, those of finished arms only."""
+    """Every arm's predictions in `mode` on `split`, those of finished arms only; the gate's folder, which holds a
+    base sample of its own, is read by [`gate_pairs`] alone."""
     found = []
     for folder in sorted((setup.out / mode / split).glob("*")):
-        if (folder / "summary.json").exists():
+        if (folder / "summary.json").exists() and folder != gate_folder(setup):
             found += PredictionFolder(folder).records()
     return found
+
+
+def gate_folder(setup: Setup) -> Path:
+    return setup.out / "sampled" / "test" / "gate"
+
+
+def gate_pairs(setup: Setup) -> tuple[list[PredictionRecord], bool]:
+    """The gate's one sample at T 0.6 and its paired base sample, on the problems both have decoded, and whether the
+    gate's run is finished."""
+    folder = gate_folder(setup)
+    found = PredictionFolder(folder).records() if (folder / "predictions.jsonl").exists() else []
+    pairs = paired_so_far({arm: [r for r in found if r.arm == arm] for arm in ("base", "gate")}, 1)
+    return pairs, (folder / "summary.json").exists()
 
 
 def unfinished(setup: Setup) -> tuple[dict[str, dict[str, int]], dict[str, list[PredictionRecord]]]:
@@ -216,8 +240,8 @@ def unfinished(setup: Setup) -> tuple[dict[str, dict[str, int]], dict[str, list[
     n, test = sampled_n(setup), len(setup.problems()[2])
     begun = {name: PredictionFolder(folder).records() if (folder / "predictions.jsonl").exists() else []
              for name, folder in folders.items()}
-    progress = {name: {"done": len(found), "planned": test if name == "gate" else n * test}
-                for name, found in begun.items()}
+    progress = {name: {"done": len(found), "planned": 2 * test if name == "gate" else n * test}
+                for name, found in begun.items()}  # the gate's folder: its own decodes and its base's
     return progress, {name: found for name, found in begun.items() if found}
 
 
@@ -227,11 +251,6 @@ def paired_so_far(begun: dict[str, list[PredictionRecord]], samples: int) -> lis
     counts = [Counter(r.problem_id for r in found) for found in begun.values()]
     complete = set.intersection(*({pid for pid, count in c.items() if count == samples} for c in counts))
     return [r for found in begun.values() for r in found if r.problem_id in complete]
-
-
-def one_sample(base: list[PredictionRecord], gate: list[PredictionRecord]) -> list[PredictionRecord]:
-    """Base's sample 0 and the gate's one sample at T 0.6, on the problems both have decoded: the gate's pairs."""
-    return paired_so_far({"base": [r for r in base if r.sample == 0], "gate": gate}, 1)
 
 
 def sampled_so_far(setup: Setup) -> tuple[dict[str, dict[str, int]], dict[str, dict]]:
@@ -249,11 +268,62 @@ def sampled_so_far(setup: Setup) -> tuple[dict[str, dict[str, int]], dict[str, d
         problems = {r.problem_id for r in averaged}
         rows["greedy, the unfinished run's problems"] = arm_rows(
             summarize([r for r in records(setup, "greedy") if r.problem_id in problems], 1), "test")
-    if "gate" in begun and "base" in begun:
-        first = one_sample(begun["base"], begun["gate"])
-        if first:
-            rows["one sample, unfinished"] = arm_rows(summarize(first, 1), "test")
     return progress, rows
+
+
+def gate_rows(setup: Setup) -> dict[str, dict]:
+    """The gate's table rows against its paired base sample: "one sample", or "one sample, unfinished" while its run
+    is (on the problems both arms have decoded, the longest prompts first, so the hardest)."""
+    pairs, finished = gate_pairs(setup)
+    if not pairs:
+        return {}
+    return {"one sample" if finished else "one sample, unfinished": arm_rows(summarize(pairs, 1), "test")}
+
+
+@dataclass(frozen=True)
+class GatePair:
+    """One test problem's plain and gated sample at T 0.6 (the same seed)."""
+
+    problem_id: str
+    base_correct: bool
+    gate_correct: bool
+    base_tokens: int
+    gate_tokens: int
+    base_truncated: bool
+    gate_truncated: bool
+    shared_prefix: int  # characters the two completions share before they differ (the whole base one if equal)
+    identical: bool
+
+    @classmethod
+    def of(cls, base: PredictionRecord, gate: PredictionRecord) -> GatePair:
+        shared = next((i for i, (a, b) in enumerate(zip(base.completion, gate.completion)) if a != b),
+                      min(len(base.completion), len(gate.completion)))
+        return cls(base.problem_id, base.correct, gate.correct, base.steps, gate.steps,
+                   base.finish_reason == "length", gate.finish_reason == "length", shared,
+                   base.completion == gate.completion)
+
+
+def gate_record(setup: Setup) -> dict | None:
+    """What the gate did, beyond its table row: its tau, where it ran, how often its sample left the plain one, and
+    every problem's pair. vLLM's gate processor does not count its steps (its table row shows none gated)."""
+    pairs, finished = gate_pairs(setup)
+    by_arm = {arm: {r.problem_id: r for r in pairs if r.arm == arm} for arm in ("base", "gate")}
+    problems = [GatePair.of(by_arm["base"][pid], by_arm["gate"][pid]) for pid in by_arm["gate"]]
+    if not problems:
+        return None
+    diverged = [p for p in problems if not p.identical]
+    return {"tau": arm_specs(setup)["gate"].gate_tau, "finished": finished, "device": device(),
+            "problems": len(problems), "diverged": len(diverged),
+            "median_shared_prefix": float(np.median([p.shared_prefix for p in diverged])) if diverged else None,
+            "pairs": [asdict(p) for p in problems]}
+
+
+def device() -> str:
+    """The CPU this process runs on, as the table records it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads{', ' + names[0] if names else ''})"
 
 
 def pilot(setup: Setup, argv: list[str]) -> dict:
@@ -370,9 +440,40 @@ def stage_decode(setup: Setup, args: argparse.Namespace) -> None:
 
 def stage_render(setup: Setup, argv: list[str]) -> None:
     record = table_record(setup)
+    write_table(record, gate_record(setup))
+    plot(record, setup.out / "heads", RESULTS / "paper_table_gsm8k.png")
+
+
+def stage_gate(setup: Setup, argv: list[str]) -> None:
+    """Decode the gate and its paired base sample (resuming), then [`stage_gate_render`]."""
+    run_decode(setup, argv, "gate", "sampled")
+    stage_gate_render(setup, argv)
+
+
+def stage_gate_render(setup: Setup, argv: list[str]) -> None:
+    """Update the rendered table's gate rows and progress in place from the gate's folder, the rest of the record
+    as it was (so that the gate can be decoded, and rendered, where the other arms' folders are not)."""
+    record = json.loads((RESULTS / "paper_table_gsm8k.json").read_text())
+    for key in ("one sample", "one sample, unfinished"):
+        record["rows"].pop(key, None)
+    record["rows"].update(gate_rows(setup))
+    gate = gate_record(setup)
+    progress = {arm: p for arm, p in record["progress"].items() if arm != "gate"}
+    if gate and not gate["finished"]:
+        progress["gate"] = {"done": 2 * gate["problems"], "planned": 2 * len(setup.problems()[2])}
+    unfinished_left = any(p["done"] < p["planned"] for p in progress.values())
+    record["progress"] = progress if unfinished_left else {}
+    record["not_run"] = [arm for arm in record["not_run"] if arm != "gate" or not gate]
+    write_table(record, gate)
+
+
+def write_table(record: dict, gate: dict | None) -> None:
+    """`paper_table_gsm8k.{json,md}`, and the gate's pairs beside them."""
+    if gate:
+        atomic_write_json(RESULTS / "paper_table_gsm8k-gate.json", gate)
+        record["gate"] = {k: v for k, v in gate.items() if k != "pairs"}
     atomic_write_json(RESULTS / "paper_table_gsm8k.json", record)
     atomic_write_text(RESULTS / "paper_table_gsm8k.md", markdown(record))
-    plot(record, setup.out / "heads", RESULTS / "paper_table_gsm8k.png")
     print(markdown(record))
 
 
@@ -418,16 +519,11 @@ def table_record(setup: Setup) -> dict:
     rows = {}
     for mode in ("greedy", "sampled"):
         found = records(setup, mode)
-        if mode == "sampled":  # the gate's one sample is paired with each other arm's sample 0
-            gate = [r for r in found if r.arm == "gate"]
-            found = [r for r in found if r.arm != "gate"]
         summary = summarize(found, 1 if mode == "greedy" else sampled_n(setup)) if found else None
         rows[mode] = arm_rows(summary, "test") if summary else {}
-        first = one_sample([r for r in found if r.arm == "base"], gate) if mode == "sampled" and gate else []
-        if first:
-            rows["one sample"] = arm_rows(summarize(first, 1), "test")
     progress, unfinished_rows = sampled_so_far(setup)
     rows.update(unfinished_rows)
+    rows.update(gate_rows(setup))
     validation_records = records(setup, "greedy", "validation")  # the LoRA's checkpoints, paired with base
     if validation_records:
         rows["validation"] = arm_rows(summarize(validation_records, 1), "validation")
@@ -456,7 +552,7 @@ def table_record(setup: Setup) -> dict:
     heads = {name: asdict(HeldOutCurve.of(run.path)) for name, run in runs.items()}
     return {
         "command": "python benches/paper_table_gsm8k.py --stage table",
-        "model": setup.model, "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "model": setup.model, "device": device(),
         "problems": {"train": len(train), "validation": len(validation), "test": len(test)},
         "settings": {k: str(v) for k, v in asdict(setup).items()},
         "power": json.loads(power.read_text()) if power.exists() else None,
@@ -507,13 +603,15 @@ def markdown(record: dict) -> str:
              f"problems). {record['device']}.", ""]
     for mode, title in (("greedy", "Greedy (exact McNemar against base)"),
                         ("sampled", "avg@N at T 0.6 (sign-flip permutation test against base)"),
-                        ("one sample", "One sample at T 0.6 (sample 0 of each arm; McNemar against base)"),
+                        ("one sample", "One sample at T 0.6: the gate alone against a plain base sample with the "
+                                       "same seed, decoded beside it (McNemar)"),
                         ("sampled, unfinished", "avg@N at T 0.6, unfinished: on the problems every arm begun has "
                                                 "decoded in full, the longest prompts and so the hardest; not the "
                                                 "table's result"),
                         ("greedy, the unfinished run's problems", "Greedy on the same problems, for scale"),
-                        ("one sample, unfinished", "One sample at T 0.6, unfinished: the gate against base's sample "
-                                                   "0 on the problems both have decoded"),
+                        ("one sample, unfinished", "One sample at T 0.6, unfinished: the gate alone against its "
+                                                   "paired base sample on the problems both have decoded (the "
+                                                   "longest prompts first, so the hardest)"),
                         ("validation", "Greedy on the validation problems (GSM8K train; the LoRA's checkpoints)"),
                         ("pilot", f"avg@{record['settings']['pilot_samples']} at T 0.6 on the validation problems "
                                   "(the power pilot; sign-flip permutation test against base)")):
@@ -528,6 +626,14 @@ def markdown(record: dict) -> str:
             lines.append(f"| {arm} | {row['accuracy']:.3f} | {diff} | {p} | {row['truncated']:.1%} | "
                          f"{row['gated_fraction']:.1%} | {row['changed_fraction']:.1%} |")
         lines.append("")
+        if mode.startswith("one sample") and record.get("gate"):
+            gate = record["gate"]
+            shared = ("" if gate["median_shared_prefix"] is None else
+                      f", sharing a median {gate['median_shared_prefix']:.0f} characters before they part")
+            lines += [f"The gate (top-1 forced above {gate['tau']:.3g} nats) changed the sample on "
+                      f"{gate['diverged']} of {gate['problems']} problems{shared}; vLLM's gate processor does not "
+                      f"count its steps, so its gated column reads 0. Decoded on {gate['device']}; every pair in "
+                      "`paper_table_gsm8k-gate.json`.", ""]
     if record["progress"]:
         lines += ["Sampled arms so far: " + ", ".join(f"{arm} {p['done']} of {p['planned']} decodes"
                                                      for arm, p in record["progress"].items())
@@ -622,7 +728,8 @@ def stage_advantage_head(setup: Setup, argv: list[str]) -> None:
 
 
 STAGES = {"heads": stage_heads, "advantage-head": stage_advantage_head, "lora": stage_lora,
-          "footprint": stage_footprint, "table": stage_table, "render": stage_render}
+          "footprint": stage_footprint, "table": stage_table, "render": stage_render, "gate": stage_gate,
+          "gate-render": stage_gate_render}
 
 
 def main() -> None:
@@ -639,13 +746,16 @@ def main() -> None:
     parser.add_argument("--mode", choices=MODES, help="--stage decode: greedy, pilot or sampled")
     parser.add_argument("--modes", default=",".join(MODES), help="--stage table: which modes to decode")
     parser.add_argument("--split", choices=("test", "validation"), default="test")
+    parser.add_argument("--gate-tau", type=float, help="the gate alone: its threshold in nats (default: the "
+                        "advantage head's tau)")
     args = parser.parse_args()
     setup = Setup(args.model, args.train_file, args.test_file, ROOT / "runs" / f"gsm8k-{Path(args.model).name}",
-                  train_problems=args.train_problems, test_problems=args.test_problems, dtype=args.dtype)
+                  train_problems=args.train_problems, test_problems=args.test_problems, dtype=args.dtype,
+                  gate_tau=args.gate_tau)
     setup.out.mkdir(parents=True, exist_ok=True)
     argv = ["--model", args.model, "--train-file", str(args.train_file), "--test-file", str(args.test_file),
             "--train-problems", str(args.train_problems), "--test-problems", str(args.test_problems),
-            "--dtype", args.dtype]
+            "--dtype", args.dtype, *(["--gate-tau", str(args.gate_tau)] if args.gate_tau is not None else [])]
     if args.stage == "decode":
         stage_decode(setup, args)
     elif args.stage == "table":
