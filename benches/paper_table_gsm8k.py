@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gate_baseline import GATE_KEY
 from heads import HeldOutCurve, RolloutStatistics, Stages, head_runs, make_heads, rollout_cost
 from paper_table_real import required_samples
 
@@ -171,7 +172,7 @@ def decode_arm(setup: Setup, arm: ArmSpec, mode: str, split: str) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(arm.model)
     if arm.gate_tau is not None:  # one engine with the gate as a logits processor: base and gated, draw by draw
-        from gate_baseline import GATE_KEY, VllmDecisionArgmax
+        from gate_baseline import VllmDecisionArgmax
 
         from steer.integrations.vllm.decoding import vllm_decoders
 
@@ -312,7 +313,8 @@ def gate_record(setup: Setup) -> dict | None:
     if not problems:
         return None
     diverged = [p for p in problems if not p.identical]
-    return {"tau": arm_specs(setup)["gate"].gate_tau, "finished": finished, "device": device(),
+    tau = PredictionFolder(gate_folder(setup)).recorded_settings()["arms"]["gate"]["extra_args"][GATE_KEY]
+    return {"tau": tau, "finished": finished, "device": device(),
             "problems": len(problems), "diverged": len(diverged),
             "median_shared_prefix": float(np.median([p.shared_prefix for p in diverged])) if diverged else None,
             "pairs": [asdict(p) for p in problems]}
