@@ -314,7 +314,8 @@ def gate_record(setup: Setup) -> dict | None:
         return None
     diverged = [p for p in problems if not p.identical]
     tau = PredictionFolder(gate_folder(setup)).recorded_settings()["arms"]["gate"]["extra_args"][GATE_KEY]
-    return {"tau": tau, "finished": finished, "device": device(),
+    return {"command": "python benches/paper_table_gsm8k.py --stage gate", "tau": tau, "finished": finished,
+            "device": device(),
             "problems": len(problems), "diverged": len(diverged),
             "median_shared_prefix": float(np.median([p.shared_prefix for p in diverged])) if diverged else None,
             "pairs": [asdict(p) for p in problems]}
@@ -625,16 +626,17 @@ def markdown(record: dict) -> str:
         for arm, row in rows.items():
             diff = "-" if row["difference"] is None else f"{row['difference']:+.3f}"
             p = "-" if row["p_value"] is None else f"{row['p_value']:.2g}"
-            lines.append(f"| {arm} | {row['accuracy']:.3f} | {diff} | {p} | {row['truncated']:.1%} | "
-                         f"{row['gated_fraction']:.1%} | {row['changed_fraction']:.1%} |")
+            gated = "not counted" if arm == "gate" else f"{row['gated_fraction']:.1%}"  # vLLM's gate counts nothing
+            lines.append(f"| {arm} | {row['accuracy']:.3f} | {diff} | {p} | {row['truncated']:.1%} | {gated} | "
+                         f"{row['changed_fraction']:.1%} |")
         lines.append("")
         if mode.startswith("one sample") and record.get("gate"):
             gate = record["gate"]
             shared = ("" if gate["median_shared_prefix"] is None else
                       f", sharing a median {gate['median_shared_prefix']:.0f} characters before they part")
             lines += [f"The gate (top-1 forced above {gate['tau']:.3g} nats) changed the sample on "
-                      f"{gate['diverged']} of {gate['problems']} problems{shared}; vLLM's gate processor does not "
-                      f"count its steps, so its gated column reads 0. Decoded on {gate['device']}; every pair in "
+                      f"{gate['diverged']} of {gate['problems']} problems{shared} (vLLM's gate processor does not "
+                      f"count its steps). Decoded on {gate['device']}; every pair in "
                       "`paper_table_gsm8k-gate.json`.", ""]
     if record["progress"]:
         lines += ["Sampled arms so far: " + ", ".join(f"{arm} {p['done']} of {p['planned']} decodes"
@@ -697,8 +699,9 @@ def lora_section(record: dict) -> list[str]:
                   f"{lora['decision_fraction']:.1%} of their tokens are decision points) in "
                   f"{lora['training_seconds']:.0f} s, {lora['training_flops']:.3g} FLOPs."
                   + (f" Kept checkpoint {lora['selected']['step']} (greedy accuracy on the validation problems: "
-                     + ", ".join(f"step {step} {accuracy:.3f}" for step, accuracy
-                                 in lora["selected"]["validation_greedy_accuracy"].items())
+                     + ", ".join(f"step {step} {accuracy:.3f}" for step, accuracy  # JSON sorts keys as text
+                                 in sorted(lora["selected"]["validation_greedy_accuracy"].items(),
+                                           key=lambda item: int(item[0])))
                      + ")." if "selected" in lora else ""), ""]
     if footprint:
         top5 = footprint["rank_share_differing"]["5"] if footprint["rank_share_differing"] else None
