@@ -306,7 +306,8 @@ class GatePair:
 
 def gate_record(setup: Setup) -> dict | None:
     """What the gate did, beyond its table row: its tau, where it ran, how often its sample left the plain one, and
-    every problem's pair. vLLM's gate processor does not count its steps (its table row shows none gated)."""
+    every problem's pair; and, since vLLM's gate processor counts nothing, its steps as `benches/gate_steps.py`
+    counts them after the fact, where that has run."""
     pairs, finished = gate_pairs(setup)
     by_arm = {arm: {r.problem_id: r for r in pairs if r.arm == arm} for arm in ("base", "gate")}
     problems = [GatePair.of(by_arm["base"][pid], by_arm["gate"][pid]) for pid in by_arm["gate"]]
@@ -314,10 +315,11 @@ def gate_record(setup: Setup) -> dict | None:
         return None
     diverged = [p for p in problems if not p.identical]
     tau = PredictionFolder(gate_folder(setup)).recorded_settings()["arms"]["gate"]["extra_args"][GATE_KEY]
+    steps = RESULTS / f"gate-steps-{Path(setup.model).name}.json"
     return {"command": "python benches/paper_table_gsm8k.py --stage gate", "tau": tau, "finished": finished,
-            "device": device(),
-            "problems": len(problems), "diverged": len(diverged),
+            "device": device(), "problems": len(problems), "diverged": len(diverged),
             "median_shared_prefix": float(np.median([p.shared_prefix for p in diverged])) if diverged else None,
+            "steps": json.loads(steps.read_text()) if steps.exists() else None,
             "pairs": [asdict(p) for p in problems]}
 
 
@@ -626,7 +628,10 @@ def markdown(record: dict) -> str:
         for arm, row in rows.items():
             diff = "-" if row["difference"] is None else f"{row['difference']:+.3f}"
             p = "-" if row["p_value"] is None else f"{row['p_value']:.2g}"
-            gated = "not counted" if arm == "gate" else f"{row['gated_fraction']:.1%}"  # vLLM's gate counts nothing
+            gated = f"{row['gated_fraction']:.1%}"
+            if arm == "gate" and mode.startswith("one sample"):  # vLLM's gate processor counts nothing
+                steps = (record.get("gate") or {}).get("steps")
+                gated = f"{steps['arms']['gate']['gated_fraction']:.1%} (after the fact)" if steps else "not counted"
             lines.append(f"| {arm} | {row['accuracy']:.3f} | {diff} | {p} | {row['truncated']:.1%} | {gated} | "
                          f"{row['changed_fraction']:.1%} |")
         lines.append("")
@@ -635,9 +640,8 @@ def markdown(record: dict) -> str:
             shared = ("" if gate["median_shared_prefix"] is None else
                       f", sharing a median {gate['median_shared_prefix']:.0f} characters before they part")
             lines += [f"The gate (top-1 forced above {gate['tau']:.3g} nats) changed the sample on "
-                      f"{gate['diverged']} of {gate['problems']} problems{shared} (vLLM's gate processor does not "
-                      f"count its steps). Decoded on {gate['device']}; every pair in "
-                      "`paper_table_gsm8k-gate.json`.", ""]
+                      f"{gate['diverged']} of {gate['problems']} problems{shared}. Decoded on {gate['device']}; "
+                      "every pair in `paper_table_gsm8k-gate.json`." + gate_steps_text(gate.get("steps")), ""]
     if record["progress"]:
         lines += ["Sampled arms so far: " + ", ".join(f"{arm} {p['done']} of {p['planned']} decodes"
                                                      for arm, p in record["progress"].items())
@@ -663,6 +667,20 @@ def markdown(record: dict) -> str:
         lines += [f"| {arm} | {c['flops']:.3g} | {c['seconds']:.0f} |" for arm, c in record["compute"].items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def gate_steps_text(steps: dict | None) -> str:
+    """Markdown: the gate's steps as `benches/gate_steps.py` counted them (vLLM's gate processor counts nothing)."""
+    if not steps:
+        return " vLLM's gate processor does not count its steps (`benches/gate_steps.py` counts them after the fact)."
+    gate, base = steps["arms"]["gate"], steps["arms"]["base"]
+    parted = steps["parted_at_first_forced_change"]
+    return (f" Teacher-forced after the fact on {steps['problems']} problems (`{steps['command']}`): the gate forced "
+            f"{gate['gated_fraction']:.1%} of its steps ({gate['gated_per_decode']:.0f} a decode), onto the top-1 at "
+            f"{1 - gate['not_top1_share_of_gated']:.1%} of them; the plain sample passed {base['gated_fraction']:.1%} "
+            f"of its steps above tau and drew another token than the top-1 at {base['not_top1_share_of_gated']:.1%} "
+            f"of them" + ("" if parted is None else f"; of the {steps['parted']} pairs that part, "
+                                                    f"{parted:.0%} part at the plain sample's first such step") + ".")
 
 
 def heads_section(record: dict) -> list[str]:
