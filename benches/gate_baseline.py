@@ -12,7 +12,7 @@ small models is sharpening.
 
 In vLLM each request draws from its own seeded generator, step by step, so a gated decode and a plain one with the
 same seed share their random draws until the gate first forces a different token: the arms are paired as tightly as
-two decodes can be. Used by `benches/paper_table_gsm8k.py`.
+two decodes can be. Used by `benches/paper_table_gsm8k.py`; `benches/gate_steps.py` counts its steps after the fact.
 """
 
 from __future__ import annotations
