@@ -17,10 +17,14 @@ two decodes can be. Used by `benches/paper_table_gsm8k.py`; `benches/gate_steps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 
 from steer.functional import entropy_topk
 from steer.pipeline.decoding import ProcessorFactory
+from steer.pipeline.folders.predictions import PredictionFolder
 
 try:  # the vLLM processor's base; the transformers one needs no vLLM
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
@@ -59,6 +63,16 @@ class DecisionArgmax:
 
     def close(self) -> None:
         self._gated = []
+
+
+def recorded_tau(folder: Path) -> float:
+    """The gate's tau as a decode folder recorded it (its `gate` arm's `extra_args`)."""
+    return PredictionFolder(folder).recorded_settings()["arms"]["gate"]["extra_args"][GATE_KEY]
+
+
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """How many leading items `a` and `b` share: where a gated decode and its paired plain one part."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def decision_argmax(tau: float) -> ProcessorFactory:

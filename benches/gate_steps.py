@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gate_baseline import GATE_KEY
+from gate_baseline import common_prefix, recorded_tau
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steer.files import atomic_write_json
@@ -71,10 +71,6 @@ def force(model, tokenizer, prompt_ids: list[int], record: PredictionRecord, tau
     return Forced(record.problem_id, record.arm, len(completion), int(gated.sum()), int(off.sum()), first, completion)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def summary(forced: list[Forced], tau: float) -> dict:
     """Per arm, the share of steps above tau and of those not on the top-1; and how often the plain sample's first
     such step is where the pair's tokens part."""
@@ -103,10 +99,10 @@ def main() -> None:
     args = parser.parse_args()
     name = Path(args.model).name
     folder = PredictionFolder(ROOT / "runs" / f"gsm8k-{name}" / "sampled" / "test" / "gate")
-    tau = folder.recorded_settings()["arms"]["gate"]["extra_args"][GATE_KEY]
+    tau = recorded_tau(folder.path)
     records = folder.records()
-    order = list(dict.fromkeys(r.problem_id for r in records))[: args.limit]
-    wanted = [r for pid in order for r in records if r.problem_id == pid]
+    order = set(list(dict.fromkeys(r.problem_id for r in records))[: args.limit])
+    wanted = [r for r in records if r.problem_id in order]
     out = folder.path / "gate-steps.jsonl"
     done = [Forced(**json.loads(line)) for line in out.read_text().splitlines()] if out.exists() else []
     seen = {(f.problem_id, f.arm) for f in done}

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gate_baseline import GATE_KEY
+from gate_baseline import GATE_KEY, common_prefix, recorded_tau
 from heads import HeldOutCurve, RolloutStatistics, Stages, head_runs, make_heads, rollout_cost
 from paper_table_real import required_samples
 
@@ -297,10 +297,9 @@ class GatePair:
 
     @classmethod
     def of(cls, base: PredictionRecord, gate: PredictionRecord) -> GatePair:
-        shared = next((i for i, (a, b) in enumerate(zip(base.completion, gate.completion)) if a != b),
-                      min(len(base.completion), len(gate.completion)))
         return cls(base.problem_id, base.correct, gate.correct, base.steps, gate.steps,
-                   base.finish_reason == "length", gate.finish_reason == "length", shared,
+                   base.finish_reason == "length", gate.finish_reason == "length",
+                   common_prefix(base.completion, gate.completion),
                    base.completion == gate.completion)
 
 
@@ -314,7 +313,7 @@ def gate_record(setup: Setup) -> dict | None:
     if not problems:
         return None
     diverged = [p for p in problems if not p.identical]
-    tau = PredictionFolder(gate_folder(setup)).recorded_settings()["arms"]["gate"]["extra_args"][GATE_KEY]
+    tau = recorded_tau(gate_folder(setup))
     steps = RESULTS / f"gate-steps-{Path(setup.model).name}.json"
     return {"command": "python benches/paper_table_gsm8k.py --stage gate", "tau": tau, "finished": finished,
             "device": device(), "problems": len(problems), "diverged": len(diverged),
