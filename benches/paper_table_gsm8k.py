@@ -29,7 +29,9 @@ which the library's rule keeps the untrained head (`TrainSettings.null_margin`) 
 `--stage gate` decodes only the gate and its paired base sample (at `--gate-tau`, by default the advantage head's
 tau, so that it runs without the heads' folder), then updates the gate's rows of the rendered table in place, the
 rest of the record as it was, and records every problem's pair in `paper_table_gsm8k-gate.json` (`--stage
-gate-render` only updates).
+gate-render` only updates). `--stage footprint` likewise updates the footprint and the intervention in place, naming
+the LoRA they measured where it is not the table's (a run rebuilt on another machine draws its own rollouts and
+chooses its own checkpoint); `--stage footprint-render` only updates.
 
 Writes `benches/results/paper_table_gsm8k.{md,json,png}` and `paper_table_gsm8k-gate.json`.
 """
@@ -64,6 +66,8 @@ RESULTS = ROOT / "results"
 GSM8K = ROOT.parent.parent / "shared" / "data" / "gsm8k"
 TEMPERATURE = 0.6  # the paper's sampling, rollouts and evaluation alike
 MODES = ("greedy", "pilot", "sampled")
+FINAL_ROWS = ("greedy", "sampled", "one sample", "validation", "pilot")  # the table's sections of finished runs
+MEASURED_LORA_FILE = "measured-lora.json"
 
 
 @dataclass(frozen=True)
@@ -234,11 +238,12 @@ def gate_pairs(setup: Setup) -> tuple[list[PredictionRecord], bool]:
 def unfinished(setup: Setup) -> tuple[dict[str, dict[str, int]], dict[str, list[PredictionRecord]]]:
     """The sampled test arms while some have not finished: per arm, decodes done and planned, and the records of
     each arm begun. Both empty once every arm is done."""
-    arms = [name for name in SAMPLED_ARMS if name in arm_specs(setup)]
+    piloted = (setup.out / "pilot" / "power.json").exists()  # avg@N's arms are planned once the pilot sets N
+    arms = [name for name in SAMPLED_ARMS if name in arm_specs(setup) and (piloted or name == "gate")]
     folders = {name: setup.out / "sampled" / "test" / name.replace(" ", "-") for name in arms}
     if all((folder / "summary.json").exists() for folder in folders.values()):
         return {}, {}
-    n, test = sampled_n(setup), len(setup.problems()[2])
+    n, test = sampled_n(setup) if piloted else 0, len(setup.problems()[2])
     begun = {name: PredictionFolder(folder).records() if (folder / "predictions.jsonl").exists() else []
              for name, folder in folders.items()}
     progress = {name: {"done": len(found), "planned": 2 * test if name == "gate" else n * test}
@@ -259,11 +264,12 @@ def sampled_so_far(setup: Setup) -> tuple[dict[str, dict[str, int]], dict[str, d
     problems decoded in full so far, with greedy on the same problems for scale (they are the hardest). The avg@N
     arms get such rows only while one of them is unfinished; once all are done, the finished table has them."""
     progress, begun = unfinished(setup)
-    rows = {}
-    n = sampled_n(setup)
+    rows: dict[str, dict] = {}
     averaged_arms = {arm: found for arm, found in begun.items() if arm != "gate"}
-    averaged_done = all(progress[arm]["done"] == progress[arm]["planned"] for arm in averaged_arms)
-    averaged = paired_so_far(averaged_arms, n) if averaged_arms and not averaged_done else []
+    if not averaged_arms or all(progress[arm]["done"] == progress[arm]["planned"] for arm in averaged_arms):
+        return progress, rows
+    n = sampled_n(setup)
+    averaged = paired_so_far(averaged_arms, n)
     if averaged:
         rows["sampled, unfinished"] = arm_rows(summarize(averaged, n), "test")
         problems = {r.problem_id for r in averaged}
@@ -405,6 +411,7 @@ def stage_footprint(setup: Setup, argv: list[str]) -> None:
         raise SystemExit("train and select the LoRA first (--stage lora)")
     problems = setup.problems()[2][: setup.footprint_problems]
     out = setup.out / "footprint"
+    check_measured_lora(setup)
     settings = FootprintSettings(rollouts=replace(setup.rollout_settings(), samples=1))
     base, tokenizer = load_model(setup.model, device="cpu", dtype=torch.float32)
     lora, _ = load_model(arms["lora"].model, device="cpu", dtype=torch.float32)
@@ -415,6 +422,43 @@ def stage_footprint(setup: Setup, argv: list[str]) -> None:
           f"{report.verdict} ({report.reason})", flush=True)
     intervene(base, lora, tokenizer, {"test": problems}, setup.out / "intervention", setup.eval_settings(1, 0.0),
               tau=PAPER_TAU)
+    stage_footprint_render(setup, argv)
+
+
+def stage_footprint_render(setup: Setup, argv: list[str]) -> None:
+    """Update the rendered table's footprint and intervention in place from their folders, the rest of the record
+    (the gate's pairs included) as it was, so that they can be measured on a run rebuilt where the test arms'
+    folders are not."""
+    found = footprint_record(setup)
+    if not found:
+        raise SystemExit(f"nothing to render: no footprint or intervention under {setup.out}")
+    record = rendered_record()
+    record.update(found)
+    write_table(record, None)
+
+
+def check_measured_lora(setup: Setup) -> None:
+    """Record which LoRA the footprint and the intervention measure (`footprint/measured-lora.json`: its kept
+    checkpoint and the rollouts it trained on), refusing to resume folders begun on another LoRA."""
+    measured = {"selected": json.loads((setup.out / "lora" / "selected.json").read_text()),
+                "rollouts": asdict(RolloutStatistics.of(setup.out / "heads"))}
+    path = setup.out / "footprint" / MEASURED_LORA_FILE
+    if path.exists() and json.loads(path.read_text()) != measured:
+        raise SystemExit(f"{path} names another LoRA than the one kept now ({measured['selected']['merged']}): move "
+                         f"{path.parent} and {setup.out / 'intervention'} away to measure this one")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, measured)
+
+
+def footprint_record(setup: Setup) -> dict:
+    """The record's footprint, intervention and measured LoRA ([`check_measured_lora`]), for those that exist."""
+    files = {"footprint": setup.out / "footprint" / "footprint.json",
+             "intervention": setup.out / "intervention" / "intervention.json",
+             "footprint_lora": setup.out / "footprint" / MEASURED_LORA_FILE}
+    found = {key: json.loads(path.read_text()) for key, path in files.items() if path.exists()}
+    if "footprint" in found:
+        found["footprint"] = _footprint_figures(found["footprint"])
+    return found
 
 
 def stage_table(setup: Setup, argv: list[str], modes: tuple[str, ...] = MODES) -> None:
@@ -443,7 +487,18 @@ def stage_decode(setup: Setup, args: argparse.Namespace) -> None:
 
 
 def stage_render(setup: Setup, argv: list[str]) -> None:
+    """Render the whole table from the run folders, refusing where that would drop a committed row whose folder
+    is not here (a run rebuilt on another machine: the stages that update part of the table are for that)."""
     record = table_record(setup)
+    table = RESULTS / "paper_table_gsm8k.json"
+    if table.exists():
+        committed = rendered_record()["rows"]
+        dropped = [f"{mode}: {arm}" for mode in FINAL_ROWS for arm in committed.get(mode) or {}
+                   if arm not in record["rows"].get(mode, {})]
+        if dropped:
+            raise SystemExit(f"refusing to replace {table}: it has rows whose run folders are not under {setup.out} "
+                             f"({'; '.join(dropped)}). Decode those arms again, or move the file away to render "
+                             "from these folders alone.")
     write_table(record, gate_record(setup))
     plot(record, setup.out / "heads", RESULTS / "paper_table_gsm8k.png")
 
@@ -457,7 +512,9 @@ def stage_gate(setup: Setup, argv: list[str]) -> None:
 def stage_gate_render(setup: Setup, argv: list[str]) -> None:
     """Update the rendered table's gate rows and progress in place from the gate's folder, the rest of the record
     as it was (so that the gate can be decoded, and rendered, where the other arms' folders are not)."""
-    record = json.loads((RESULTS / "paper_table_gsm8k.json").read_text())
+    if not (gate_folder(setup) / "predictions.jsonl").exists():
+        raise SystemExit(f"nothing to render: no gate decodes in {gate_folder(setup)}")
+    record = rendered_record()
     for key in ("one sample", "one sample, unfinished"):
         record["rows"].pop(key, None)
     record["rows"].update(gate_rows(setup))
@@ -469,6 +526,11 @@ def stage_gate_render(setup: Setup, argv: list[str]) -> None:
     record["progress"] = progress if unfinished_left else {}
     record["not_run"] = [arm for arm in record["not_run"] if arm != "gate" or not gate]
     write_table(record, gate)
+
+
+def rendered_record() -> dict:
+    """The table's record as last rendered (`paper_table_gsm8k.json`), for the stages that update part of it."""
+    return json.loads((RESULTS / "paper_table_gsm8k.json").read_text())
 
 
 def write_table(record: dict, gate: dict | None) -> None:
@@ -552,7 +614,6 @@ def table_record(setup: Setup) -> dict:
             compute["lora"]["selected"] = json.loads(selected.read_text())
     power = setup.out / "pilot" / "power.json"
     rollouts = setup.out / "heads" / "rollouts"
-    fp, iv = setup.out / "footprint" / "footprint.json", setup.out / "intervention" / "intervention.json"
     heads = {name: asdict(HeldOutCurve.of(run.path)) for name, run in runs.items()}
     return {
         "command": "python benches/paper_table_gsm8k.py --stage table",
@@ -561,8 +622,7 @@ def table_record(setup: Setup) -> dict:
         "settings": {k: str(v) for k, v in asdict(setup).items()},
         "power": json.loads(power.read_text()) if power.exists() else None,
         "rows": rows, "progress": progress, "compute": compute, "heads": heads,
-        "footprint": _footprint_figures(json.loads(fp.read_text())) if fp.exists() else None,
-        "intervention": json.loads(iv.read_text()) if iv.exists() else None,
+        "footprint": None, "intervention": None, "footprint_lora": None, **footprint_record(setup),
         "rollouts": asdict(RolloutStatistics.of(setup.out / "heads")) if rollouts.exists() else None,
         "untrained": untrained,
         "not_run": [arm for arm in ARMS if not any(arm in mode_rows for mode_rows in rows.values())
@@ -715,11 +775,7 @@ def lora_section(record: dict) -> list[str]:
         lines += [f"Trained {lora['steps']} steps on the heads' pool ({lora['pool_rollouts']} rollouts; "
                   f"{lora['decision_fraction']:.1%} of their tokens are decision points) in "
                   f"{lora['training_seconds']:.0f} s, {lora['training_flops']:.3g} FLOPs."
-                  + (f" Kept checkpoint {lora['selected']['step']} (greedy accuracy on the validation problems: "
-                     + ", ".join(f"step {step} {accuracy:.3f}" for step, accuracy  # JSON sorts keys as text
-                                 in sorted(lora["selected"]["validation_greedy_accuracy"].items(),
-                                           key=lambda item: int(item[0])))
-                     + ")." if "selected" in lora else ""), ""]
+                  + (f" Kept {_selection_text(lora['selected'])}." if "selected" in lora else ""), ""]
     if footprint:
         top5 = footprint["rank_share_differing"]["5"] if footprint["rank_share_differing"] else None
         lines += [f"Footprint on {footprint['rollouts']} LoRA samples of the first test problems: top-1 differs at "
@@ -734,7 +790,34 @@ def lora_section(record: dict) -> list[str]:
             share = "-" if row["recovered"] is None else f"{row['recovered']:.0%}"
             lines.append(f"| {arm} | {row['accuracy']:.3f} | {row['gated']:.1%} | {row['changed']:.1%} | {share} |")
         lines.append("")
-    return lines
+    measured = _measured_lora_text(record)
+    return lines + [measured, ""] if measured else lines
+
+
+def _selection_text(selected: dict) -> str:
+    """Markdown: the LoRA checkpoint kept, and every checkpoint's greedy accuracy on the validation problems."""
+    scores = sorted(selected["validation_greedy_accuracy"].items(), key=lambda item: int(item[0]))  # JSON: text keys
+    return (f"checkpoint {selected['step']} (greedy accuracy on the validation problems: "
+            + ", ".join(f"step {step} {accuracy:.3f}" for step, accuracy in scores) + ")")
+
+
+def _measured_lora_text(record: dict) -> str:
+    """Markdown: which LoRA the footprint and intervention measured, where it is not the one the table's rows
+    decoded (a run rebuilt on another machine draws its own rollouts and chooses its own checkpoint)."""
+    measured, lora = record.get("footprint_lora"), record["compute"].get("lora", {})
+    if not measured:
+        return ""
+    same = (measured["rollouts"] == record["rollouts"] and "selected" in lora
+            and measured["selected"]["validation_greedy_accuracy"] == lora["selected"]["validation_greedy_accuracy"])
+    if same:
+        return ("The footprint and the intervention measured a LoRA whose rollouts and checkpoint choice match the "
+                "table's.")
+    r = measured["rollouts"]
+    return (f"The footprint and the intervention measured a rebuilt run's LoRA, not the one in the rows above: its "
+            f"own {r['rollouts']} rollouts (mean reward "
+            f"{r['mean_reward']:.3f}, {r['mixed_problems']} problems with right and wrong rollouts, "
+            f"{r['truncated']:.1%} truncated, median {r['median_tokens']:.0f} tokens), kept "
+            + _selection_text(measured["selected"]) + ".")
 
 
 def _kept(curve: dict) -> str:
@@ -751,7 +834,7 @@ def stage_advantage_head(setup: Setup, argv: list[str]) -> None:
 
 STAGES = {"heads": stage_heads, "advantage-head": stage_advantage_head, "lora": stage_lora,
           "footprint": stage_footprint, "table": stage_table, "render": stage_render, "gate": stage_gate,
-          "gate-render": stage_gate_render}
+          "gate-render": stage_gate_render, "footprint-render": stage_footprint_render}
 
 
 def main() -> None:
