@@ -491,16 +491,20 @@ def stage_render(setup: Setup, argv: list[str]) -> None:
     is not here (a run rebuilt on another machine: the stages that update part of the table are for that)."""
     record = table_record(setup)
     table = RESULTS / "paper_table_gsm8k.json"
-    if table.exists():
-        committed = rendered_record()["rows"]
-        dropped = [f"{mode}: {arm}" for mode in FINAL_ROWS for arm in committed.get(mode) or {}
-                   if arm not in record["rows"].get(mode, {})]
-        if dropped:
-            raise SystemExit(f"refusing to replace {table}: it has rows whose run folders are not under {setup.out} "
-                             f"({'; '.join(dropped)}). Decode those arms again, or move the file away to render "
-                             "from these folders alone.")
+    dropped = dropped_rows(rendered_record()["rows"], record["rows"]) if table.exists() else []
+    if dropped:
+        raise SystemExit(f"refusing to replace {table}: it has rows whose run folders are not under {setup.out} "
+                         f"({'; '.join(dropped)}). Decode those arms again, or move the file away to render from "
+                         "these folders alone.")
     write_table(record, gate_record(setup))
     plot(record, setup.out / "heads", RESULTS / "paper_table_gsm8k.png")
+
+
+def dropped_rows(committed: dict[str, dict], rows: dict[str, dict]) -> list[str]:
+    """The finished rows ("mode: arm") of the `committed` table that `rows` lack (a section of an unfinished run
+    gives way to its finished one, so those are not counted)."""
+    return [f"{mode}: {arm}" for mode in FINAL_ROWS for arm in committed.get(mode) or {}
+            if arm not in rows.get(mode, {})]
 
 
 def stage_gate(setup: Setup, argv: list[str]) -> None:

@@ -1,0 +1,124 @@
+"""`benches/paper_table_gsm8k.py`'s partial renders, which update the committed table in place where a run is rebuilt
+on another machine without the other arms' folders: the footprint changes only its own keys and names the LoRA it
+measured, a folder begun on another LoRA is refused, and a full render refuses to drop committed rows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+BENCHES = Path(__file__).resolve().parents[1] / "benches"
+sys.path.insert(0, str(BENCHES))
+import paper_table_gsm8k as table  # noqa: E402
+
+from steer.pipeline.folders.predictions import PredictionRecord  # noqa: E402
+from steer.pipeline.folders.rollouts import RolloutRecord  # noqa: E402
+
+TABLE_FILES = ("paper_table_gsm8k.json", "paper_table_gsm8k-gate.json")
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch) -> Path:
+    """A copy of the committed table, which the stages under test read and write."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for name in TABLE_FILES:
+        shutil.copy(BENCHES / "results" / name, folder / name)
+    monkeypatch.setattr(table, "RESULTS", folder)
+    return folder
+
+
+def rollout(problem: int, sample: int, reward: float) -> RolloutRecord:
+    return RolloutRecord(problem_id=str(problem), sample=sample, benchmark="train", gold="1", prompt="q",
+                         prompt_ids=[1, 2], completion="a", completion_ids=[3, 4, 5][: 1 + sample % 3], answer="1",
+                         reward=reward, finish_reason="length" if sample == 3 else "stop", num_tokens=1 + sample % 3)
+
+
+def rebuilt_run(out: Path, step: int = 50) -> table.Setup:
+    """A run folder with rollouts and a kept LoRA checkpoint, and none of the table's arms."""
+    rollouts = out / "heads" / "rollouts"
+    rollouts.mkdir(parents=True)
+    records = [rollout(p, s, float((p + s) % 3 == 0)) for p in range(5) for s in range(4)]
+    (rollouts / "rollouts.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+    keep_step(out, step)
+    return table.Setup("model", Path("train.jsonl"), Path("test.jsonl"), out)
+
+
+def begin_gate(out: Path) -> None:
+    """A gate run begun in the rebuilt folder: two problems decoded, both arms."""
+    folder = table.gate_folder(table.Setup("model", Path("train.jsonl"), Path("test.jsonl"), out))
+    folder.mkdir(parents=True)
+    records = [PredictionRecord(benchmark="test", problem_id=str(p), arm=arm, sample=0, completion="x", answer="1",
+                                gold="1", correct=arm == "gate", finish_reason="stop", steps=3, gated=0, changed=0)
+               for p in range(2) for arm in ("base", "gate")]
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+
+
+def keep_step(out: Path, step: int) -> None:
+    (out / "lora").mkdir(parents=True, exist_ok=True)
+    scores = {"50": 0.27, "100": 0.31 if step == 100 else 0.1, "149": 0.05}
+    (out / "lora" / "selected.json").write_text(json.dumps({"step": step, "merged": f"lora/merged-{step}",
+                                                            "validation_greedy_accuracy": scores}))
+
+
+def measure(setup: table.Setup) -> None:
+    """What `--stage footprint` leaves: the measured LoRA, the footprint's report and the intervention's."""
+    table.check_measured_lora(setup)
+    report = {"positions": 2000, "differing": 60, "differ_fraction": 0.03, "rank_share": {"1": 0.97, "5": 0.99},
+              "rank_share_differing": {"5": 0.9, "10": 0.95}, "verdict": "sparse", "reason": "few positions"}
+    (setup.out / "footprint" / "footprint.json").write_text(json.dumps(
+        {"base": "model", "rl": "lora/merged-50", "rollouts": 20, "rl_accuracy": 0.3, "report": report, "plots": []}))
+    arms = {"base": {"predictions": 20, "accuracy": 0.25, "gated": 0.0, "changed": 0.0, "recovered": None},
+            "gated": {"predictions": 20, "accuracy": 0.3, "gated": 0.05, "changed": 0.02, "recovered": 0.6}}
+    (setup.out / "intervention").mkdir()
+    (setup.out / "intervention" / "intervention.json").write_text(json.dumps(
+        {"tau": 1.4, "random_rate": 0.02, "benchmarks": {"test": arms}}))
+
+
+def test_footprint_render_changes_only_its_own_keys(results, tmp_path):
+    setup = rebuilt_run(tmp_path / "run")
+    begin_gate(setup.out)  # unfinished: the committed gate stays as it is
+    before = {name: (results / name).read_bytes() for name in TABLE_FILES}
+    with pytest.raises(SystemExit, match="nothing to render"):
+        table.stage_footprint_render(setup, [])
+    measure(setup)
+    table.stage_footprint_render(setup, [])
+
+    old, new = (json.loads(before[TABLE_FILES[0]]), json.loads((results / TABLE_FILES[0]).read_text()))
+    assert {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)} == {
+        "footprint", "footprint_lora", "intervention"}
+    assert new["footprint"]["differ_fraction"] == 0.03
+    assert new["footprint_lora"]["rollouts"]["rollouts"] == 20
+    assert (results / TABLE_FILES[1]).read_bytes() == before[TABLE_FILES[1]]  # the gate's pairs as committed
+    markdown = (results / "paper_table_gsm8k.md").read_text()
+    assert "top-1 differs at 3.00% of 2000 positions" in markdown
+    assert "measured a rebuilt run's LoRA, not the one in the rows above: its own 20 rollouts" in markdown
+
+
+def test_a_folder_begun_on_another_lora_is_refused(results, tmp_path):
+    setup = rebuilt_run(tmp_path / "run")
+    measure(setup)
+    table.check_measured_lora(setup)  # the same LoRA resumes
+    keep_step(setup.out, 100)
+    with pytest.raises(SystemExit, match="names another LoRA"):
+        table.check_measured_lora(setup)
+
+
+def test_a_full_render_may_not_drop_committed_rows():
+    committed = {"greedy": {"base": {}, "lora": {}}, "sampled, unfinished": {"base": {}},
+                 "one sample": {"base": {}, "gate": {}}}
+    assert table.dropped_rows(committed, {"greedy": {"base": {}, "lora": {}}, "one sample": {"base": {}, "gate": {}},
+                                          "sampled": {"base": {}}}) == []
+    assert table.dropped_rows(committed, {"greedy": {"base": {}}, "sampled": {}}) == [
+        "greedy: lora", "one sample: base", "one sample: gate"]
+
+
+def test_the_gate_render_needs_gate_decodes(results, tmp_path):
+    setup = rebuilt_run(tmp_path / "run")
+    with pytest.raises(SystemExit, match="no gate decodes"):
+        table.stage_gate_render(setup, [])
