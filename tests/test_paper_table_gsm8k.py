@@ -118,6 +118,19 @@ def test_a_full_render_may_not_drop_committed_rows():
         "greedy: lora", "one sample: base", "one sample: gate"]
 
 
+def test_an_unfinished_gate_renders_before_the_power_pilot(tmp_path):
+    """Before the pilot sets avg@N's N, no averaged arm is planned, and the gate's progress renders on its own."""
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": "#### 1"}) + "\n" for i in range(3)))
+    out = tmp_path / "run"
+    begin_gate(out)
+    setup = table.Setup("model", data, data, out, test_problems=3, gate_tau=1.0)
+    progress, begun = table.unfinished(setup)
+    assert progress == {"gate": {"done": 4, "planned": 6}}
+    assert set(begun) == {"gate"}
+    assert table.sampled_so_far(setup) == (progress, {})
+
+
 def test_the_gate_render_needs_gate_decodes(results, tmp_path):
     setup = rebuilt_run(tmp_path / "run")
     with pytest.raises(SystemExit, match="no gate decodes"):
