@@ -33,7 +33,14 @@ gate-render` only updates). `--stage footprint` likewise updates the footprint a
 the LoRA they measured where it is not the table's (a run rebuilt on another machine draws its own rollouts and
 chooses its own checkpoint); `--stage footprint-render` only updates.
 
-Writes `benches/results/paper_table_gsm8k.{md,json,png}` and `paper_table_gsm8k-gate.json`.
+Writes `benches/results/paper_table_gsm8k.{md,json,png}` and `paper_table_gsm8k-gate.json`. The rollouts, the one
+random draw the later stages build on, are committed beside them: where the run folder is missing,
+
+    mkdir -p benches/runs/gsm8k-Qwen2.5-Coder-0.5B-Instruct
+    tar -xzf benches/results/runs/gsm8k-Qwen2.5-Coder-0.5B-Instruct-rollouts.tar.gz \\
+        -C benches/runs/gsm8k-Qwen2.5-Coder-0.5B-Instruct
+
+restores them (and their stage time), and `--stage heads` goes on from the scoring.
 """
 
 from __future__ import annotations
