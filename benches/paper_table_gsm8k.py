@@ -813,8 +813,9 @@ def _selection_text(selected: dict) -> str:
 
 
 def _measured_lora_text(record: dict) -> str:
-    """Markdown: which LoRA the footprint and intervention measured, where it is not the one the table's rows
-    decoded (a run rebuilt on another machine draws its own rollouts and chooses its own checkpoint)."""
+    """Markdown: which LoRA the footprint and the intervention measured: one whose rollouts and checkpoint choice
+    match the table's, or a rebuilt run's (a run rebuilt on another machine may draw other rollouts and keep another
+    checkpoint), described."""
     measured, lora = record.get("footprint_lora"), record["compute"].get("lora", {})
     if not measured:
         return ""
@@ -825,10 +826,9 @@ def _measured_lora_text(record: dict) -> str:
                 "table's.")
     r = measured["rollouts"]
     return (f"The footprint and the intervention measured a rebuilt run's LoRA, not the one in the rows above: its "
-            f"own {r['rollouts']} rollouts (mean reward "
-            f"{r['mean_reward']:.3f}, {r['mixed_problems']} problems with right and wrong rollouts, "
-            f"{r['truncated']:.1%} truncated, median {r['median_tokens']:.0f} tokens), kept "
-            + _selection_text(measured["selected"]) + ".")
+            f"own {r['rollouts']} rollouts (mean reward {r['mean_reward']:.3f}, {r['mixed_problems']} problems with "
+            f"right and wrong rollouts, {r['truncated']:.1%} truncated, median {r['median_tokens']:.0f} tokens), "
+            f"kept {_selection_text(measured['selected'])}.")
 
 
 def _kept(curve: dict) -> str:
