@@ -18,6 +18,14 @@ the test slice), traced step by step (`steer eval --trace`). The chain from a he
    reverse;
 4. outcome: base against steered accuracy on the same problems.
 
+With `--engine vllm` (the GSM8K table's engine: `python benches/onpolicy_diagnosis.py --model
+benches/models/Qwen2.5-Coder-0.5B-Instruct --data ../shared/data/gsm8k/train.jsonl --problems 160:260 --heads H
+--max-new-tokens 512 --engine vllm`) both decodes and every continuation run in vLLM's steered engine, and the trace
+of each steered decode is recorded after the fact: one teacher-forced pass of the transformers model over its
+re-tokenised completion, the head applied at every position as the steering processor applies it
+([`teacher_forced_trace`]). The report then also says how often that pass's steered top-1 is the token vLLM decoded
+(`replay_agreement`), and how many completions re-tokenise to another length than vLLM decoded.
+
 Writes `benches/results/onpolicy-<model>-<data>.json` (per head) and prints the chain. Resumes in
 `benches/runs/onpolicy-<data>`.
 """
@@ -35,17 +43,19 @@ import numpy as np
 import torch
 
 from steer.files import atomic_write_json
-from steer.head import CorrectionHead
+from steer.functional import steer_logits
+from steer.head import CorrectionHead, output_embedding
 from steer.models import load_model
 from steer.pipeline.branching import Branch, BranchDecoding, Outcome, branch_batches, continue_branches
 from steer.pipeline.decoding import steering
-from steer.pipeline.evaluation import evaluate
+from steer.pipeline.evaluation import Arm, evaluate, head_digest
 from steer.pipeline.folders import Record, RunFolder
-from steer.pipeline.folders.predictions import PredictionFolder, PredictionRecord
+from steer.pipeline.folders.predictions import PredictionFolder, PredictionRecord, StepTrace
 from steer.pipeline.jobs import Job, run_job
 from steer.pipeline.metrics import mcnemar
 from steer.pipeline.problems import load_problems
 from steer.pipeline.prompts import build_prompt, encode_prompt
+from steer.pipeline.scoring import teacher_force
 from steer.settings import DecodingSettings, EvalSettings
 
 ROOT = Path(__file__).resolve().parent
@@ -89,14 +99,12 @@ class ChoiceFolder(RunFolder[ChoiceRecord]):
     writer = "benches/onpolicy_diagnosis.py"
 
 
-def choice_branches(records: dict[str, PredictionRecord], traces, prompts: dict[str, list[int]],
-                    per_completion: int) -> list[Branch[Choice]]:
-    """At the first `per_completion` changed steps of each steered decode: the head's token and the base top-1."""
+def choice_branches(records: dict[str, PredictionRecord], traces: dict[str, StepTrace],
+                    prompts: dict[str, list[int]], per_completion: int) -> list[Branch[Choice]]:
+    """At the first `per_completion` changed steps of each steered decode (`traces` by problem id): the head's token
+    and the base top-1."""
     branches = []
-    for (_, problem_id, arm, _), recorded in traces.by_key.items():
-        if arm != "steered":
-            continue
-        trace = recorded.trace
+    for problem_id, trace in traces.items():
         tokens = trace.tokens.tolist()
         for t in trace.changed.nonzero().squeeze(-1).tolist()[:per_completion]:
             for choice, token in (("head", tokens[t]), ("base", int(trace.topk_ids[t, 0]))):
@@ -104,6 +112,49 @@ def choice_branches(records: dict[str, PredictionRecord], traces, prompts: dict[
                                        records[problem_id].gold,
                                        Choice(problem_id, t, choice, float(trace.entropy[t]))))
     return branches
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+@torch.no_grad()
+def teacher_forced_trace(model, head: CorrectionHead, prompt_ids: list[int],
+                         completion_ids: list[int]) -> tuple[StepTrace, torch.Tensor]:
+    """The trace a steered greedy decode of `completion_ids` would have recorded, from one teacher-forced pass: at
+    every position the base entropy and top-k, and the head's correction applied as the steering processor applies
+    it (the same function on the same logits and final hidden state); `tokens` are `completion_ids`. Also returns
+    which steps' steered top-1 is the token in `completion_ids` (`torch.BoolTensor` of shape `(steps,)`)."""
+    (logits, hidden), = teacher_force(model, [_Tokens(prompt_ids, completion_ids)])
+    logits = logits.float()
+    out = steer_logits(logits, head.project(hidden).to(logits.dtype), output_embedding(model), head.top_k, head.tau)
+    tokens = torch.tensor(completion_ids)
+    probs = lambda scores: torch.softmax(scores, dim=-1).gather(-1, out.indices).half()  # noqa: E731
+    trace = StepTrace(tokens.int(), out.entropy, out.gated, out.changed, out.indices.int(), probs(logits),
+                      probs(out.logits))
+    return trace, out.logits.argmax(-1) == tokens
+
+
+def replayed_traces(model, tokenizer, head: CorrectionHead, records: list[PredictionRecord],
+                    prompts: dict[str, list[int]]) -> tuple[dict[str, StepTrace], dict]:
+    """[`teacher_forced_trace`] of each steered record's completion (re-tokenised from its text), and how far the
+    replay agrees with the decode: completions that re-tokenise to another length than decoded, and the share of
+    steps (and of changed steps) whose replayed steered top-1 is the decoded token."""
+    traces, agree, agree_changed, relength = {}, [], [], 0
+    for record in records:
+        ids = tokenizer(record.completion, add_special_tokens=False)["input_ids"]
+        relength += len(ids) != record.steps
+        if not ids:
+            continue
+        traces[record.problem_id], agrees = teacher_forced_trace(model, head, prompts[record.problem_id], ids)
+        agree.append(agrees.float())
+        agree_changed.append(agrees[traces[record.problem_id].changed].float())
+    return traces, {"completions_retokenised_to_another_length": relength,
+                    "replay_agreement": float(torch.cat(agree).mean()) if agree else None,
+                    "replay_agreement_at_changed_steps": float(torch.cat(agree_changed).mean())
+                    if agree_changed and torch.cat(agree_changed).numel() else None}
 
 
 def chain(records: list[PredictionRecord], choices: list[ChoiceRecord]) -> dict:
@@ -150,26 +201,38 @@ def chain(records: list[PredictionRecord], choices: list[ChoiceRecord]) -> dict:
     }
 
 
-def diagnose(model, tokenizer, head: CorrectionHead, problems, out: Path, per_completion: int, seed: int,
-             max_new_tokens: int) -> dict:
+def diagnose(model, tokenizer, head: CorrectionHead, head_folder: Path, problems, out: Path, per_completion: int,
+             seed: int, max_new_tokens: int, engine: str) -> dict:
     greedy = EvalSettings(samples=1, batch_size=64, seed=seed,
                           decoding=DecodingSettings(temperature=0.0, max_new_tokens=max_new_tokens))
-    evaluate(model, tokenizer, {"validation": problems}, out / "eval", greedy, head=head, trace_top_k=head.top_k,
-             progress=False)
-    folder = PredictionFolder(out / "eval")
-    records = folder.records()
     prompts = {p.id: encode_prompt(tokenizer, build_prompt(tokenizer, p.question, greedy.instruction))
                for p in problems}
-    branches = choice_branches({r.problem_id: r for r in records}, folder.traces(), prompts, per_completion)
+    if engine == "vllm":
+        from steer.integrations.vllm.decoding import vllm_decoders
+
+        base, steered = vllm_decoders(model.name_or_path, tokenizer, str(head_folder), "float32", seed)
+        evaluate(base, tokenizer, {"validation": problems}, out / "eval", greedy,
+                 arms=[Arm("base", base), Arm("steered", steered, digest=head_digest(head))], progress=False)
+        records = PredictionFolder(out / "eval").records()
+        traces, replay = replayed_traces(model, tokenizer, head, [r for r in records if r.arm == "steered"], prompts)
+        continuing, processor = steered, None
+    else:
+        evaluate(model, tokenizer, {"validation": problems}, out / "eval", greedy, head=head,
+                 trace_top_k=head.top_k, progress=False)
+        folder = PredictionFolder(out / "eval")
+        records = folder.records()
+        traces = {problem_id: recorded.trace for (_, problem_id, arm, _), recorded in folder.traces().by_key.items()
+                  if arm == "steered"}
+        replay, continuing, processor = {}, model, steering(model, head)
+    branches = choice_branches({r.problem_id: r for r in records}, traces, prompts, per_completion)
     decoding = BranchDecoding(max_new_tokens, seed=seed)
-    processor = steering(model, head)
     job = Job(label="choices", unit="branch", folder=ChoiceFolder(out / "choices"),
               settings={"model": model.name_or_path, "per_completion": per_completion, "seed": seed},
               units=branches, unit_keys=lambda b: [b.key],
               batches=lambda pending: branch_batches(pending, 64),
-              work=lambda batch: continue_branches(model, tokenizer, batch, decoding, choice_record, processor))
+              work=lambda batch: continue_branches(continuing, tokenizer, batch, decoding, choice_record, processor))
     choices = run_job(job, progress=False).records
-    return chain(records, choices)
+    return {**chain(records, choices), **replay}
 
 
 def main() -> None:
@@ -183,6 +246,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
                         help="Token budget of every decode and continuation (the family's, as in the table).")
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                        help="What decodes: transformers' generate, traced live, or vLLM's steered engine, traced "
+                        "after the fact (default: %(default)s).")
     parser.add_argument("--out", type=Path, help="The report (default: benches/results/onpolicy-<model>-<data>.json).")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, device="cpu", dtype=torch.float32)
@@ -192,10 +258,10 @@ def main() -> None:
               "problems": f"validation slice ({start}-{end - 1})", "max_new_tokens": args.max_new_tokens, "heads": {}}
     for folder in sorted(p for p in args.heads.iterdir() if (p / "head.safetensors").exists()):
         head = CorrectionHead.from_pretrained(folder)
-        out = ROOT / "runs" / f"onpolicy-{args.data.stem}" / f"{args.heads.name}-{folder.name}"
+        out = ROOT / "runs" / f"onpolicy-{args.data.stem}" / f"{args.heads.name}-{folder.name}" / args.engine
         report["heads"][folder.name] = {"tau": head.tau, "top_k": head.top_k, "scale": head.scale,
-                                        **diagnose(model, tokenizer, head, problems, out, args.per_completion,
-                                                   args.seed, args.max_new_tokens)}
+                                        **diagnose(model, tokenizer, head, folder, problems, out, args.per_completion,
+                                                   args.seed, args.max_new_tokens, args.engine)}
         print(folder.name, json.dumps(report["heads"][folder.name], indent=1))
     atomic_write_json(args.out or ROOT / "results" / f"onpolicy-{Path(args.model).name}-{args.data.stem}.json", report)
 

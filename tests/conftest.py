@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM
 
+from steer.head import CorrectionHead  # noqa: E402
 from steer.world.tokenizer import char_tokenizer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -151,3 +152,17 @@ def planted_choice(tokenizer):
         model.lm_head.weight[:, :vocab] = table.T / math.sqrt(108)
     model.generation_config.pad_token_id = 0
     return model
+
+
+@pytest.fixture(scope="session")
+def model_and_head(make_model):
+    """A tiny Llama and a random head that gates about half of the steps and changes some top-1s."""
+    model = make_model("llama", seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # a random model is nearly uniform; this spreads its entropies over 0-2.5 nats
+    torch.manual_seed(1)
+    head = CorrectionHead.for_model(model, rank=4, top_k=4, tau=1.0)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.normal_(std=1.0)
+    return model, head

@@ -26,20 +26,6 @@ from steer.reference import entropy_topk
 GREEDY = DecodingSettings(temperature=0, max_new_tokens=16)
 
 
-@pytest.fixture(scope="module")
-def model_and_head(make_model):
-    """A tiny Llama and a random head that gates about half of the steps and changes some top-1s."""
-    model = make_model("llama", seed=3)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40)  # a random model is nearly uniform; this spreads its entropies over 0-2.5 nats
-    torch.manual_seed(1)
-    head = CorrectionHead.for_model(model, rank=4, top_k=4, tau=1.0)
-    with torch.no_grad():
-        for parameter in head.parameters():
-            parameter.normal_(std=1.0)
-    return model, head
-
-
 def test_trace_is_what_the_gate_saw_and_does_not_change_the_decode(model_and_head, tokenizer):
     model, head = model_and_head
     prompts = [tokenizer("Q: 12+30?")["input_ids"], tokenizer("Q: 75+16?")["input_ids"]]  # equal lengths: no padding
