@@ -139,13 +139,14 @@ def teacher_forced_trace(model, head: CorrectionHead, prompt_ids: list[int],
 
 def replayed_traces(model, tokenizer, head: CorrectionHead, records: list[PredictionRecord],
                     prompts: dict[str, list[int]]) -> tuple[dict[str, StepTrace], dict]:
-    """[`teacher_forced_trace`] of each steered record's completion (re-tokenised from its text), and how far the
-    replay agrees with the decode: completions that re-tokenise to another length than decoded, and the share of
-    steps (and of changed steps) whose replayed steered top-1 is the decoded token."""
+    """[`teacher_forced_trace`] of each steered record's completion (re-tokenised from its text, so without its
+    end-of-sequence step), and how far the replay agrees with the decode: completions that re-tokenise to another
+    length than decoded, and the share of steps (and of changed steps) whose replayed steered top-1 is the decoded
+    token."""
     traces, agree, agree_changed, relength = {}, [], [], 0
     for record in records:
         ids = tokenizer(record.completion, add_special_tokens=False)["input_ids"]
-        relength += len(ids) != record.steps
+        relength += len(ids) + (record.finish_reason == "stop") != record.steps  # the decode's steps end on EOS
         if not ids:
             continue
         traces[record.problem_id], agrees = teacher_forced_trace(model, head, prompts[record.problem_id], ids)
