@@ -23,11 +23,12 @@ benches/models/Qwen2.5-Coder-0.5B-Instruct --data ../shared/data/gsm8k/train.jso
 --max-new-tokens 512 --engine vllm`) both decodes and every continuation run in vLLM's steered engine, and the trace
 of each steered decode is recorded after the fact: one teacher-forced pass of the transformers model over its
 re-tokenised completion, the head applied at every position as the steering processor applies it
-([`teacher_forced_trace`]). The report then also says how often that pass's steered top-1 is the token vLLM decoded
-(`replay_agreement`), and how many completions re-tokenise to another length than vLLM decoded.
+([`teacher_forced_trace`]). The report's `replay` says how far that agrees with the decode (vLLM's own gated and
+changed counts beside the replay's; [`Replay`]), and only changed steps whose decoded token is the replay's steered
+top-1 are branched on. One head per run: each vLLM engine lives as long as its process.
 
-Writes `benches/results/onpolicy-<model>-<data>.json` (per head) and prints the chain. Resumes in
-`benches/runs/onpolicy-<data>`.
+Writes `benches/results/onpolicy-<model>-<data>.json` (`-vllm.json` with `--engine vllm`; per head) and prints the
+chain. Resumes in `benches/runs/onpolicy-<data>/<heads>-<head>/<engine>`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -137,25 +138,52 @@ def teacher_forced_trace(model, head: CorrectionHead, prompt_ids: list[int],
     return trace, out.logits.argmax(-1) == tokens
 
 
+@dataclass(frozen=True)
+class Replay:
+    """How far the teacher-forced replay of vLLM's steered decodes ([`replayed_traces`]) agrees with them.
+
+    Attributes:
+        completions (`int`): steered completions replayed.
+        retokenised_to_another_length (`int`): completions whose text re-tokenises to another number of tokens than
+            decoded (less the end-of-sequence step, which the text lacks).
+        live_gated (`int`), live_changed (`int`): gated and changed steps as vLLM's steering counted them.
+        replayed_gated (`int`), replayed_changed (`int`): the same, as the replay finds them.
+        agreement_at_gated_steps (`float`): share of the replay's gated steps whose steered top-1 is the
+            (re-tokenised) decoded token.
+        changed_where_decoded (`int`): replayed changed steps whose decoded token is the replay's steered top-1:
+            the only changed steps branched on.
+    """
+
+    completions: int
+    retokenised_to_another_length: int
+    live_gated: int
+    live_changed: int
+    replayed_gated: int
+    replayed_changed: int
+    agreement_at_gated_steps: float | None
+    changed_where_decoded: int
+
+
 def replayed_traces(model, tokenizer, head: CorrectionHead, records: list[PredictionRecord],
-                    prompts: dict[str, list[int]]) -> tuple[dict[str, StepTrace], dict]:
-    """[`teacher_forced_trace`] of each steered record's completion (re-tokenised from its text, so without its
-    end-of-sequence step), and how far the replay agrees with the decode: completions that re-tokenise to another
-    length than decoded, and the share of steps (and of changed steps) whose replayed steered top-1 is the decoded
-    token."""
-    traces, agree, agree_changed, relength = {}, [], [], 0
+                    prompts: dict[str, list[int]]) -> tuple[dict[str, StepTrace], Replay]:
+    """[`teacher_forced_trace`] of each steered record's completion, re-tokenised from its text (vLLM's token ids are
+    not stored), and how far the replay agrees with the decode ([`Replay`]). In the traces returned, a step counts
+    as changed only where the replay changed the top-1 *and* the decoded token is the replay's steered top-1, so that
+    a head branch never continues the base top-1."""
+    traces, agree_gated, relength, gated, changed = {}, [], 0, 0, 0
     for record in records:
         ids = tokenizer(record.completion, add_special_tokens=False)["input_ids"]
         relength += len(ids) + (record.finish_reason == "stop") != record.steps  # the decode's steps end on EOS
         if not ids:
             continue
-        traces[record.problem_id], agrees = teacher_forced_trace(model, head, prompts[record.problem_id], ids)
-        agree.append(agrees.float())
-        agree_changed.append(agrees[traces[record.problem_id].changed].float())
-    return traces, {"completions_retokenised_to_another_length": relength,
-                    "replay_agreement": float(torch.cat(agree).mean()) if agree else None,
-                    "replay_agreement_at_changed_steps": float(torch.cat(agree_changed).mean())
-                    if agree_changed and torch.cat(agree_changed).numel() else None}
+        trace, agrees = teacher_forced_trace(model, head, prompts[record.problem_id], ids)
+        gated, changed = gated + int(trace.gated.sum()), changed + int(trace.changed.sum())
+        agree_gated.append(agrees[trace.gated].float())
+        traces[record.problem_id] = replace(trace, changed=trace.changed & agrees)
+    at_gated = torch.cat(agree_gated) if agree_gated else torch.zeros(0)
+    return traces, Replay(len(records), relength, sum(r.gated for r in records), sum(r.changed for r in records),
+                          gated, changed, float(at_gated.mean()) if at_gated.numel() else None,
+                          sum(int(t.changed.sum()) for t in traces.values()))
 
 
 def chain(records: list[PredictionRecord], choices: list[ChoiceRecord]) -> dict:
@@ -224,7 +252,7 @@ def diagnose(model, tokenizer, head: CorrectionHead, head_folder: Path, problems
         records = folder.records()
         traces = {problem_id: recorded.trace for (_, problem_id, arm, _), recorded in folder.traces().by_key.items()
                   if arm == "steered"}
-        replay, continuing, processor = {}, model, steering(model, head)
+        replay, continuing, processor = None, model, steering(model, head)
     branches = choice_branches({r.problem_id: r for r in records}, traces, prompts, per_completion)
     decoding = BranchDecoding(max_new_tokens, seed=seed)
     job = Job(label="choices", unit="branch", folder=ChoiceFolder(out / "choices"),
@@ -232,8 +260,9 @@ def diagnose(model, tokenizer, head: CorrectionHead, head_folder: Path, problems
               units=branches, unit_keys=lambda b: [b.key],
               batches=lambda pending: branch_batches(pending, 64),
               work=lambda batch: continue_branches(continuing, tokenizer, batch, decoding, choice_record, processor))
-    choices = run_job(job, progress=False).records
-    return {**chain(records, choices), **replay}
+    keys = {branch.key for branch in branches}  # a folder may hold branches of an earlier replay: only this one's
+    choices = [c for c in run_job(job, progress=False).records if (c.problem_id, c.position, c.choice) in keys]
+    return {**chain(records, choices), **({"replay": asdict(replay)} if replay else {})}
 
 
 def main() -> None:
@@ -250,21 +279,28 @@ def main() -> None:
     parser.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                         help="What decodes: transformers' generate, traced live, or vLLM's steered engine, traced "
                         "after the fact (default: %(default)s).")
-    parser.add_argument("--out", type=Path, help="The report (default: benches/results/onpolicy-<model>-<data>.json).")
+    parser.add_argument("--out", type=Path, help="The report (default: benches/results/onpolicy-<model>-<data>.json, "
+                        "-vllm.json with --engine vllm).")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, device="cpu", dtype=torch.float32)
     start, end = (int(x) for x in args.problems.split(":"))
     problems = load_problems(args.data)[start:end]
-    report = {"command": " ".join(["python benches/onpolicy_diagnosis.py", *sys.argv[1:]]),
+    folders = sorted(p for p in args.heads.iterdir() if (p / "head.safetensors").exists())
+    if args.engine == "vllm" and len(folders) != 1:
+        sys.exit(f"--engine vllm diagnoses one head per run (each engine lives as long as its process); "
+                 f"{args.heads} holds {len(folders)}: {[f.name for f in folders]}")
+    report = {"command": " ".join(["python benches/onpolicy_diagnosis.py", *sys.argv[1:]]), "engine": args.engine,
               "problems": f"validation slice ({start}-{end - 1})", "max_new_tokens": args.max_new_tokens, "heads": {}}
-    for folder in sorted(p for p in args.heads.iterdir() if (p / "head.safetensors").exists()):
+    for folder in folders:
         head = CorrectionHead.from_pretrained(folder)
         out = ROOT / "runs" / f"onpolicy-{args.data.stem}" / f"{args.heads.name}-{folder.name}" / args.engine
         report["heads"][folder.name] = {"tau": head.tau, "top_k": head.top_k, "scale": head.scale,
                                         **diagnose(model, tokenizer, head, folder, problems, out, args.per_completion,
                                                    args.seed, args.max_new_tokens, args.engine)}
         print(folder.name, json.dumps(report["heads"][folder.name], indent=1))
-    atomic_write_json(args.out or ROOT / "results" / f"onpolicy-{Path(args.model).name}-{args.data.stem}.json", report)
+    suffix = "" if args.engine == "hf" else f"-{args.engine}"
+    atomic_write_json(args.out or ROOT / "results" / f"onpolicy-{Path(args.model).name}-{args.data.stem}{suffix}.json",
+                      report)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
-from onpolicy_diagnosis import choice_branches, teacher_forced_trace  # noqa: E402
+from onpolicy_diagnosis import choice_branches, replayed_traces, teacher_forced_trace  # noqa: E402
 
-from steer.pipeline.decoding import DecodingSettings, decode_batch  # noqa: E402
+from steer.pipeline.decoding import Completion, DecodingSettings, decode_batch  # noqa: E402
 from steer.pipeline.folders.predictions import PredictionRecord  # noqa: E402
 from steer.pipeline.tracing import Tracer  # noqa: E402
 from steer.processor import SteeringProcessor  # noqa: E402
@@ -20,9 +20,14 @@ from steer.processor import SteeringProcessor  # noqa: E402
 GREEDY = DecodingSettings(temperature=0, max_new_tokens=24)
 
 
-def record(problem_id: str) -> PredictionRecord:
-    return PredictionRecord(benchmark="b", problem_id=problem_id, arm="steered", sample=0, completion="", answer=None,
-                            gold="7", correct=False, finish_reason="length", steps=0, gated=0, changed=0)
+def record(problem_id: str, completion: Completion | None = None, tokenizer=None) -> PredictionRecord:
+    """A steered record, of `completion` where given (its text, steps and live counts) or empty."""
+    text = tokenizer.decode(completion.token_ids, skip_special_tokens=True) if completion else ""
+    return PredictionRecord(benchmark="b", problem_id=problem_id, arm="steered", sample=0, completion=text,
+                            answer=None, gold="7", correct=False,
+                            finish_reason=completion.finish_reason if completion else "length",
+                            steps=completion.steps if completion else 0, gated=completion.gated if completion else 0,
+                            changed=completion.changed if completion else 0)
 
 
 def test_teacher_forced_trace_is_the_live_trace(model_and_head, tokenizer):
@@ -66,3 +71,34 @@ def test_teacher_forced_trace_sees_a_token_the_head_did_not_choose(model_and_hea
     swapped[3] = int(replay.topk_ids[3, 1]) if swapped[3] != int(replay.topk_ids[3, 1]) else int(replay.topk_ids[3, 2])
     _, agrees = teacher_forced_trace(model, head, prompt, swapped)
     assert not agrees[3] and agrees[:3].all()
+
+
+def test_replay_of_records_counts_what_the_decode_did_and_branches_only_where_it_took_the_head(model_and_head,
+                                                                                             tokenizer):
+    model, head = model_and_head
+    prompts = [tokenizer(q)["input_ids"] for q in ("Q: 12+30?", "Q: 75+16?", "Q: 40+2?", "Q: 9+13?")]
+    completions = decode_batch(model, tokenizer, prompts, GREEDY, seed=0,
+                               processor=lambda batch: SteeringProcessor(model, head, record_rows=True))
+    # Records whose text re-tokenises to the decoded tokens (a decode may hold a special token the text drops).
+    exact = [(str(row), c) for row, c in enumerate(completions)
+             if tokenizer(record(str(row), c, tokenizer).completion, add_special_tokens=False)["input_ids"]
+             == [t for t in c.token_ids if t != tokenizer.eos_token_id]]
+    assert len(exact) >= 2 and sum(c.changed for _, c in exact) > 0
+    prompt_ids = {str(row): prompt for row, prompt in enumerate(prompts)}
+    traces, replay = replayed_traces(model, tokenizer, head, [record(r, c, tokenizer) for r, c in exact], prompt_ids)
+    eos_steps = [c.finish_reason == "stop" and bool(c.gated) for _, c in exact]  # the replay lacks the EOS step
+    assert replay.retokenised_to_another_length == 0 and replay.agreement_at_gated_steps == 1.0
+    assert replay.live_changed >= replay.replayed_changed == replay.changed_where_decoded == \
+        sum(int(t.changed.sum()) for t in traces.values()) > 0
+    assert replay.live_gated >= replay.replayed_gated >= replay.live_gated - sum(eos_steps)
+
+    # The decode took the base top-1 where the replay's head changes it: that step is no longer a changed step.
+    problem_id, completion = next((r, c) for r, c in exact if int(traces[r].changed.sum()) > 0)
+    t = int(traces[problem_id].changed.nonzero()[0])
+    base_top1 = int(traces[problem_id].topk_ids[t, 0])
+    forced = Completion("", completion.token_ids[:t] + [base_top1], "length")
+    forced_traces, _ = replayed_traces(model, tokenizer, head, [record(problem_id, forced, tokenizer)], prompt_ids)
+    forced_trace = forced_traces[problem_id]
+    assert not forced_trace.changed[t] and torch.equal(forced_trace.changed[:t], traces[problem_id].changed[:t])
+    assert all(branch.key[1] != t for branch in choice_branches({problem_id: record(problem_id)},
+                                                                {problem_id: forced_trace}, prompt_ids, 9))
