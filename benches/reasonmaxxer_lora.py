@@ -1,5 +1,5 @@
 """The paper's own method as a baseline with weight updates: ReasonMaxxer's LoRA, trained on the same scored
-rollouts and pool as the heads.
+rollouts and pool as the heads. Needs peft (`pip install -e ".[lora]"`).
 
     python benches/reasonmaxxer_lora.py --model benches/models/Qwen2.5-Coder-0.5B-Instruct \
         --rollouts benches/runs/gsm8k-Qwen2.5-Coder-0.5B-Instruct/heads/rollouts \
