@@ -230,6 +230,41 @@ def chain(records: list[PredictionRecord], choices: list[ChoiceRecord]) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """The base and steered greedy decodes of the problems, the steered ones' traces by problem id, and what
+    continues a branch: the steered model (with its `processor`) or the steered engine (`processor` None)."""
+
+    records: list[PredictionRecord]
+    traces: dict[str, StepTrace]
+    continuing: object
+    processor: object
+    replay: Replay | None = None
+
+
+def decoded_live(model, tokenizer, head: CorrectionHead, problems, out: Path, greedy: EvalSettings) -> Decoded:
+    """Decode in transformers' generate, each steered decode traced as it runs."""
+    evaluate(model, tokenizer, {"validation": problems}, out, greedy, head=head, trace_top_k=head.top_k,
+             progress=False)
+    folder = PredictionFolder(out)
+    traces = {problem_id: recorded.trace for (_, problem_id, arm, _), recorded in folder.traces().by_key.items()
+              if arm == "steered"}
+    return Decoded(folder.records(), traces, model, steering(model, head))
+
+
+def decoded_in_vllm(model, tokenizer, head: CorrectionHead, head_folder: Path, problems, out: Path,
+                    greedy: EvalSettings, prompts: dict[str, list[int]]) -> Decoded:
+    """Decode in vLLM's steered engine, each steered decode traced after the fact ([`replayed_traces`])."""
+    from steer.integrations.vllm.decoding import vllm_decoders
+
+    base, steered = vllm_decoders(model.name_or_path, tokenizer, str(head_folder), "float32", greedy.seed)
+    evaluate(base, tokenizer, {"validation": problems}, out, greedy,
+             arms=[Arm("base", base), Arm("steered", steered, digest=head_digest(head))], progress=False)
+    records = PredictionFolder(out).records()
+    traces, replay = replayed_traces(model, tokenizer, head, [r for r in records if r.arm == "steered"], prompts)
+    return Decoded(records, traces, steered, None, replay)
+
+
 def diagnose(model, tokenizer, head: CorrectionHead, head_folder: Path, problems, out: Path, per_completion: int,
              seed: int, max_new_tokens: int, engine: str) -> dict:
     greedy = EvalSettings(samples=1, batch_size=64, seed=seed,
@@ -237,32 +272,20 @@ def diagnose(model, tokenizer, head: CorrectionHead, head_folder: Path, problems
     prompts = {p.id: encode_prompt(tokenizer, build_prompt(tokenizer, p.question, greedy.instruction))
                for p in problems}
     if engine == "vllm":
-        from steer.integrations.vllm.decoding import vllm_decoders
-
-        base, steered = vllm_decoders(model.name_or_path, tokenizer, str(head_folder), "float32", seed)
-        evaluate(base, tokenizer, {"validation": problems}, out / "eval", greedy,
-                 arms=[Arm("base", base), Arm("steered", steered, digest=head_digest(head))], progress=False)
-        records = PredictionFolder(out / "eval").records()
-        traces, replay = replayed_traces(model, tokenizer, head, [r for r in records if r.arm == "steered"], prompts)
-        continuing, processor = steered, None
+        decoded = decoded_in_vllm(model, tokenizer, head, head_folder, problems, out / "eval", greedy, prompts)
     else:
-        evaluate(model, tokenizer, {"validation": problems}, out / "eval", greedy, head=head,
-                 trace_top_k=head.top_k, progress=False)
-        folder = PredictionFolder(out / "eval")
-        records = folder.records()
-        traces = {problem_id: recorded.trace for (_, problem_id, arm, _), recorded in folder.traces().by_key.items()
-                  if arm == "steered"}
-        replay, continuing, processor = None, model, steering(model, head)
-    branches = choice_branches({r.problem_id: r for r in records}, traces, prompts, per_completion)
+        decoded = decoded_live(model, tokenizer, head, problems, out / "eval", greedy)
+    branches = choice_branches({r.problem_id: r for r in decoded.records}, decoded.traces, prompts, per_completion)
     decoding = BranchDecoding(max_new_tokens, seed=seed)
     job = Job(label="choices", unit="branch", folder=ChoiceFolder(out / "choices"),
               settings={"model": model.name_or_path, "per_completion": per_completion, "seed": seed},
               units=branches, unit_keys=lambda b: [b.key],
               batches=lambda pending: branch_batches(pending, 64),
-              work=lambda batch: continue_branches(continuing, tokenizer, batch, decoding, choice_record, processor))
+              work=lambda batch: continue_branches(decoded.continuing, tokenizer, batch, decoding, choice_record,
+                                                   decoded.processor))
     keys = {branch.key for branch in branches}  # a folder may hold branches of an earlier replay: only this one's
     choices = [c for c in run_job(job, progress=False).records if (c.problem_id, c.position, c.choice) in keys]
-    return {**chain(records, choices), **({"replay": asdict(replay)} if replay else {})}
+    return {**chain(decoded.records, choices), **({"replay": asdict(decoded.replay)} if decoded.replay else {})}
 
 
 def main() -> None:

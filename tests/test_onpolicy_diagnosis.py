@@ -7,13 +7,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
-from onpolicy_diagnosis import choice_branches, replayed_traces, teacher_forced_trace  # noqa: E402
+from onpolicy_diagnosis import ChoiceFolder, choice_branches, diagnose, replayed_traces, teacher_forced_trace  # noqa: E402,E501
 
 from steer.pipeline.decoding import Completion, DecodingSettings, decode_batch  # noqa: E402
-from steer.pipeline.folders.predictions import PredictionRecord  # noqa: E402
+from steer.pipeline.folders.predictions import PredictionFolder, PredictionRecord  # noqa: E402
+from steer.pipeline.problems import load_problems  # noqa: E402
 from steer.pipeline.tracing import Tracer  # noqa: E402
 from steer.processor import SteeringProcessor  # noqa: E402
 
@@ -102,3 +104,20 @@ def test_replay_of_records_counts_what_the_decode_did_and_branches_only_where_it
     assert not forced_trace.changed[t] and torch.equal(forced_trace.changed[:t], traces[problem_id].changed[:t])
     assert all(branch.key[1] != t for branch in choice_branches({problem_id: record(problem_id)},
                                                                 {problem_id: forced_trace}, prompt_ids, 9))
+
+
+def test_diagnose_links_the_chain_from_its_own_folders(model_and_head, tokenizer, tmp_path, arithmetic_file):
+    model, head = model_and_head
+    problems = load_problems(arithmetic_file, limit=6)
+    report = diagnose(model, tokenizer, head, tmp_path / "head", problems, tmp_path / "run", per_completion=2, seed=0,
+                      max_new_tokens=12, engine="hf")
+    records = PredictionFolder(tmp_path / "run" / "eval").records()
+    steered = [r for r in records if r.arm == "steered"]
+    choices = ChoiceFolder(tmp_path / "run" / "choices").read_records()
+    assert report["problems"] == 6 and len(records) == 12
+    assert report["change"]["changed_per_completion"] == sum(r.changed for r in steered) / 6 > 0
+    assert report["choice"]["changed_steps_continued"] * 2 == len(choices) > 0
+    assert len(choices) == 2 * sum(min(2, r.changed) for r in steered)  # both choices at up to 2 changed steps each
+    assert report["choice"]["head_choice_succeeds"] * len(choices) / 2 == pytest.approx(
+        sum(c.correct for c in choices if c.choice == "head"))
+    assert report["outcome"]["steered_accuracy"] == sum(r.correct for r in steered) / 6 and "replay" not in report
