@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from steer.files import atomic_write_json
 from steer.functional import entropy_topk
 from steer.pipeline.folders.predictions import PredictionFolder, PredictionRecord
+from steer.pipeline.folders.rollouts import Tokens
 from steer.pipeline.problems import load_problems
 from steer.pipeline.prompts import build_prompt, encode_prompt
 from steer.pipeline.scoring import teacher_force
@@ -52,18 +53,12 @@ class Forced:
     completion_ids: list[int]
 
 
-@dataclass(frozen=True)
-class _Sequence:
-    prompt_ids: list[int]
-    completion_ids: list[int]
-
-
 def force(model, tokenizer, prompt_ids: list[int], record: PredictionRecord, tau: float) -> Forced:
     """Teacher-force one decode and count its steps above `tau`."""
     completion = tokenizer.encode(record.completion, add_special_tokens=False)
     if not completion:
         return Forced(record.problem_id, record.arm, 0, 0, 0, -1, [])
-    [(logits, _)] = teacher_force(model, [_Sequence(prompt_ids, completion)])
+    [(logits, _)] = teacher_force(model, [Tokens(prompt_ids, completion)])
     stats = entropy_topk(logits.float(), 1)
     gated = stats.entropy > tau
     off = gated & (stats.indices[:, 0] != torch.tensor(completion))

@@ -52,6 +52,7 @@ from steer.pipeline.decoding import steering
 from steer.pipeline.evaluation import Arm, evaluate, head_digest
 from steer.pipeline.folders import Record, RunFolder
 from steer.pipeline.folders.predictions import PredictionFolder, PredictionRecord, StepTrace
+from steer.pipeline.folders.rollouts import Tokens
 from steer.pipeline.jobs import Job, run_job
 from steer.pipeline.metrics import mcnemar
 from steer.pipeline.problems import load_problems
@@ -115,12 +116,6 @@ def choice_branches(records: dict[str, PredictionRecord], traces: dict[str, Step
     return branches
 
 
-@dataclass(frozen=True)
-class _Tokens:
-    prompt_ids: list[int]
-    completion_ids: list[int]
-
-
 @torch.no_grad()
 def teacher_forced_trace(model, head: CorrectionHead, prompt_ids: list[int],
                          completion_ids: list[int]) -> tuple[StepTrace, torch.Tensor]:
@@ -128,7 +123,7 @@ def teacher_forced_trace(model, head: CorrectionHead, prompt_ids: list[int],
     every position the base entropy and top-k, and the head's correction applied as the steering processor applies
     it (the same function on the same logits and final hidden state); `tokens` are `completion_ids`. Also returns
     which steps' steered top-1 is the token in `completion_ids` (`torch.BoolTensor` of shape `(steps,)`)."""
-    (logits, hidden), = teacher_force(model, [_Tokens(prompt_ids, completion_ids)])
+    (logits, hidden), = teacher_force(model, [Tokens(prompt_ids, completion_ids)])
     logits = logits.float()
     out = steer_logits(logits, head.project(hidden).to(logits.dtype), output_embedding(model), head.top_k, head.tau)
     tokens = torch.tensor(completion_ids)

@@ -33,6 +33,23 @@ class TokenSequence(Protocol):
     def completion_ids(self) -> Sequence[int]: ...
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """A [`TokenSequence`] of its own: a prompt and a completion as token ids, for a teacher-forced pass over a
+    sequence that is not a rollout (a decode re-tokenised from its text, say).
+
+    Example:
+
+    ```python
+    >>> sequence_length(Tokens([1, 2, 3], [4, 5]))
+    5
+    ```
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
 def sequence_length(sequence: TokenSequence) -> int:
     """Prompt and completion tokens of `sequence`."""
     return len(sequence.prompt_ids) + len(sequence.completion_ids)
