@@ -7,7 +7,8 @@
     python benches/paper_table_gsm8k.py --stage table       # every arm on the test problems, then the table
 
 (`--stage advantage-head` stops the heads stage after the advantage head, so that its test decodes can come before
-the labels; `--stage table --modes greedy` decodes only greedy.)
+the labels; `--stage table --modes greedy` decodes only greedy; `--stage lora --lora-until 50` trains to step 50 only,
+its state saved, and chooses among the checkpoints reached.)
 
 Everything is chosen on GSM8K's train file: its first `--train-problems` problems give the rollouts (and so the
 pools and the heads' held-out problems), the next 100 the LoRA's checkpoint and the power pilot.
@@ -100,6 +101,7 @@ class Setup:
     dtype: str = "float32"
     seed: int = 0
     gate_tau: float | None = None  # the gate alone: its threshold, by default the advantage head's
+    lora_until: int | None = None  # train the LoRA only to this step (this sitting), and choose among those reached
 
     def problems(self) -> tuple[list[Problem], list[Problem], list[Problem]]:
         train = load_problems(self.train_file, limit=self.train_problems + self.validation_problems)
@@ -373,18 +375,24 @@ def stage_heads(setup: Setup, argv: list[str], labels: bool = True) -> None:
 
 def stage_lora(setup: Setup, argv: list[str]) -> None:
     """Train the LoRA, then keep the checkpoint with the best greedy pass@1 on the validation problems (where base
-    is decoded too, for reference)."""
+    is decoded too, for reference). With `setup.lora_until`, training stops at that step (resumable later) and the
+    choice is among the checkpoints reached; `selected.json` records how far training went."""
     import reasonmaxxer_lora as lora
 
     if importlib.util.find_spec("peft") is None:
         sys.exit('--stage lora trains the paper\'s LoRA with peft, which is not installed: pip install -e ".[lora]"')
     folder = setup.out / "lora"
     settings = lora.LoraSettings()
-    if not (folder / "lora.json").exists():
-        lora.train(setup.model, setup.out / "heads" / "rollouts", folder, settings)
+    finished = folder / "lora.json"
+    trained = (json.loads(finished.read_text()) if finished.exists() else
+               lora.train(setup.model, setup.out / "heads" / "rollouts", folder, settings, until=setup.lora_until))
+    reached = [step for step in settings.checkpoints if step <= trained["steps"]]
+    if not reached:
+        raise SystemExit(f"the LoRA reached step {trained['steps']}, before its first checkpoint "
+                         f"({settings.checkpoints[0]}): train further (--lora-until)")
     run_decode(setup, argv, "base", "greedy", "validation")
     scores = {}
-    for step in settings.checkpoints:
+    for step in reached:
         merged = folder / f"merged-{step}"
         if not (merged / "config.json").exists():
             lora.merge(setup.model, folder / f"checkpoint-{step}", merged)
@@ -397,11 +405,12 @@ def stage_lora(setup: Setup, argv: list[str]) -> None:
         summary = json.loads(done.read_text())
         scores[step] = summary["benchmarks"]["validation"]["arms"][name]["accuracy"]
     best = max(scores, key=lambda step: (scores[step], -step))  # the recipe: best pass@1; the earlier of equals
-    for step in settings.checkpoints:
+    for step in reached:
         if step != best:
             shutil.rmtree(folder / f"merged-{step}", ignore_errors=True)
     atomic_write_json(folder / "selected.json", {"step": best, "validation_greedy_accuracy": scores,
-                                                 "merged": str(folder / f"merged-{best}")})
+                                                 "merged": str(folder / f"merged-{best}"),
+                                                 "trained_steps": trained["steps"], "of_steps": settings.steps})
     print(f"kept checkpoint {best}: validation greedy accuracy {scores}", flush=True)
 
 
@@ -500,14 +509,14 @@ def stage_render(setup: Setup, argv: list[str]) -> None:
     """Render the whole table from the run folders, refusing where that would drop a committed row whose folder
     is not here (a run rebuilt on another machine: the stages that update part of the table are for that)."""
     record = table_record(setup)
-    table = RESULTS / "paper_table_gsm8k.json"
+    table = table_file(".json")
     dropped = dropped_rows(rendered_record()["rows"], record["rows"]) if table.exists() else []
     if dropped:
         raise SystemExit(f"refusing to replace {table}: it has rows whose run folders are not under {setup.out} "
                          f"({'; '.join(dropped)}). Decode those arms again, or move the file away to render from "
                          "these folders alone.")
     write_table(record, gate_record(setup))
-    plot(record, setup.out / "heads", RESULTS / "paper_table_gsm8k.png")
+    plot(record, setup.out / "heads", table_file(".png"))
 
 
 def dropped_rows(committed: dict[str, dict], rows: dict[str, dict]) -> list[str]:
@@ -542,18 +551,23 @@ def stage_gate_render(setup: Setup, argv: list[str]) -> None:
     write_table(record, gate)
 
 
+def table_file(suffix: str) -> Path:
+    """The table's files under [`RESULTS`]: `paper_table_gsm8k<suffix>` (".json", ".md", ".png", "-gate.json")."""
+    return RESULTS / f"paper_table_gsm8k{suffix}"
+
+
 def rendered_record() -> dict:
     """The table's record as last rendered (`paper_table_gsm8k.json`), for the stages that update part of it."""
-    return json.loads((RESULTS / "paper_table_gsm8k.json").read_text())
+    return json.loads((table_file(".json")).read_text())
 
 
 def write_table(record: dict, gate: dict | None) -> None:
     """`paper_table_gsm8k.{json,md}`, and the gate's pairs beside them."""
     if gate:
-        atomic_write_json(RESULTS / "paper_table_gsm8k-gate.json", gate)
+        atomic_write_json(table_file("-gate.json"), gate)
         record["gate"] = {k: v for k, v in gate.items() if k != "pairs"}
-    atomic_write_json(RESULTS / "paper_table_gsm8k.json", record)
-    atomic_write_text(RESULTS / "paper_table_gsm8k.md", markdown(record))
+    atomic_write_json(table_file(".json"), record)
+    atomic_write_text(table_file(".md"), markdown(record))
     print(markdown(record))
 
 
@@ -809,10 +823,13 @@ def lora_section(record: dict) -> list[str]:
 
 
 def _selection_text(selected: dict) -> str:
-    """Markdown: the LoRA checkpoint kept, and every checkpoint's greedy accuracy on the validation problems."""
+    """Markdown: the LoRA checkpoint kept, every checkpoint's greedy accuracy on the validation problems, and how far
+    training went where it stopped early (`--lora-until`)."""
     scores = sorted(selected["validation_greedy_accuracy"].items(), key=lambda item: int(item[0]))  # JSON: text keys
+    trained, total = selected.get("trained_steps"), selected.get("of_steps")
+    early = f", trained to step {trained} of {total}" if trained is not None and trained < total else ""
     return (f"checkpoint {selected['step']} (greedy accuracy on the validation problems: "
-            + ", ".join(f"step {step} {accuracy:.3f}" for step, accuracy in scores) + ")")
+            + ", ".join(f"step {step} {accuracy:.3f}" for step, accuracy in scores) + early + ")")
 
 
 def _measured_lora_text(record: dict) -> str:
@@ -865,12 +882,14 @@ def main() -> None:
     parser.add_argument("--mode", choices=MODES, help="--stage decode: greedy, pilot or sampled")
     parser.add_argument("--modes", default=",".join(MODES), help="--stage table: which modes to decode")
     parser.add_argument("--split", choices=("test", "validation"), default="test")
+    parser.add_argument("--lora-until", type=int, help="--stage lora: train only to this step (a sitting; the "
+                        "schedule stays the whole run's) and choose among the checkpoints reached")
     parser.add_argument("--gate-tau", type=float, help="the gate alone: its threshold in nats (default: the "
                         "advantage head's tau)")
     args = parser.parse_args()
     setup = Setup(args.model, args.train_file, args.test_file, ROOT / "runs" / f"gsm8k-{Path(args.model).name}",
                   train_problems=args.train_problems, test_problems=args.test_problems, dtype=args.dtype,
-                  gate_tau=args.gate_tau)
+                  gate_tau=args.gate_tau, lora_until=args.lora_until)
     setup.out.mkdir(parents=True, exist_ok=True)
     argv = ["--model", args.model, "--train-file", str(args.train_file), "--test-file", str(args.test_file),
             "--train-problems", str(args.train_problems), "--test-problems", str(args.test_problems),

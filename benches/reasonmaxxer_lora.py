@@ -15,7 +15,8 @@ advantages clipped at 2.5), and the entropies are those `steer score` stored. Di
 2 CPU cores: float32 instead of bfloat16, and the KL term averaged per rollout, then over the step's 8 rollouts.
 
 Training saves the adapter at `--checkpoints` (safetensors) and resumes from its last saved state (adapter,
-optimiser moments, the step, the order of rollouts and the curve, every 5 steps), with the same settings only.
+optimiser moments, the step, the order of rollouts and the curve, every 5 steps), with the same settings only;
+`--until STEP` ends a sitting after STEP (the schedule stays the whole run's).
 `--merge STEP` writes the base model with that checkpoint's adapter merged in, as a plain folder any engine loads
 (vLLM decodes it). Which checkpoint to keep is chosen on held-out problems by the table script, by greedy pass@1 as
 the recipe does.
@@ -181,9 +182,11 @@ def load_state(out: Path, model, optimiser: torch.optim.Optimizer) -> tuple[int,
     return saved["step"], saved["order"], saved["curve"]
 
 
-def train(model_path: str, rollouts_dir: Path, out: Path, settings: LoraSettings) -> dict:
-    """Train (or resume) the LoRA; returns the run's record (also `out/lora.json`). A run resumes only with the
-    settings and rollouts it started with (`lora.settings.json`)."""
+def train(model_path: str, rollouts_dir: Path, out: Path, settings: LoraSettings, until: int | None = None) -> dict:
+    """Train (or resume) the LoRA; returns the run's record (also `out/lora.json` once all `settings.steps` are
+    trained). A run resumes only with the settings and rollouts it started with (`lora.settings.json`). `until`
+    ends this sitting after that step, its state saved: the learning-rate schedule stays the whole run's, and a
+    later call goes on from there."""
     check_settings(out / SETTINGS, {"model": model_path, "rollouts": str(rollouts_dir), **asdict(settings)})
     sequences = training_sequences(rollouts_dir, settings)
     torch.manual_seed(settings.seed)
@@ -197,7 +200,8 @@ def train(model_path: str, rollouts_dir: Path, out: Path, settings: LoraSettings
         epochs = math.ceil(settings.steps * settings.accumulation / len(sequences))
         order = [i for _ in range(epochs) for i in rng.sample(range(len(sequences)), len(sequences))]
     model.train()
-    while step < settings.steps:
+    stop = settings.steps if until is None else min(until, settings.steps)
+    while step < stop:
         start = time.perf_counter()
         lr = settings.lr * schedule(step, settings)
         for group in optimiser.param_groups:
@@ -221,7 +225,7 @@ def train(model_path: str, rollouts_dir: Path, out: Path, settings: LoraSettings
         print(json.dumps(curve[-1]), flush=True)
         if step in settings.checkpoints:
             model.save_pretrained(out / f"checkpoint-{step}")
-        if step % settings.save_every == 0 or step == settings.steps:
+        if step % settings.save_every == 0 or step == stop:
             save_state(out, model, optimiser, step, order, curve)
     record = {"settings": asdict(settings), "rollouts": str(rollouts_dir), "pool_rollouts": len(sequences),
               "decision_fraction": float(torch.cat([s.decision for s in sequences]).float().mean()),
@@ -231,7 +235,8 @@ def train(model_path: str, rollouts_dir: Path, out: Path, settings: LoraSettings
               "command": (f"python benches/reasonmaxxer_lora.py --model {model_path} --rollouts {rollouts_dir} "
                           f"--out {out} --steps {settings.steps} "
                           f"--checkpoints {','.join(map(str, settings.checkpoints))}")}
-    atomic_write_json(out / "lora.json", record)
+    if step == settings.steps:
+        atomic_write_json(out / "lora.json", record)
     return record
 
 
@@ -254,6 +259,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=LoraSettings.steps)
     parser.add_argument("--checkpoints", default=",".join(map(str, LoraSettings.checkpoints)))
+    parser.add_argument("--until", type=int, help="end this sitting after this step (the schedule unchanged)")
     parser.add_argument("--merge", type=int, help="write the model merged with this checkpoint to OUT/merged-STEP")
     args = parser.parse_args()
     if args.merge is not None:
@@ -261,7 +267,7 @@ def main() -> None:
         return
     settings = LoraSettings(steps=args.steps, checkpoints=tuple(int(s) for s in args.checkpoints.split(",")))
     args.out.mkdir(parents=True, exist_ok=True)
-    record = train(args.model, args.rollouts, args.out, settings)
+    record = train(args.model, args.rollouts, args.out, settings, until=args.until)
     print(json.dumps({k: v for k, v in record.items() if k != "settings"}, indent=1))
 
 

@@ -59,11 +59,14 @@ def begin_gate(out: Path) -> None:
     (folder / "predictions.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
 
 
-def keep_step(out: Path, step: int) -> None:
+def keep_step(out: Path, step: int, trained: int = 149) -> None:
+    """`selected.json` as `--stage lora` writes it, for a LoRA trained to step `trained` of 149."""
     (out / "lora").mkdir(parents=True, exist_ok=True)
     scores = {"50": 0.27, "100": 0.31 if step == 100 else 0.1, "149": 0.05}
+    scores = {key: value for key, value in scores.items() if int(key) <= trained}
     (out / "lora" / "selected.json").write_text(json.dumps({"step": step, "merged": f"lora/merged-{step}",
-                                                            "validation_greedy_accuracy": scores}))
+                                                            "validation_greedy_accuracy": scores,
+                                                            "trained_steps": trained, "of_steps": 149}))
 
 
 def measure(setup: table.Setup) -> None:
@@ -98,6 +101,16 @@ def test_footprint_render_changes_only_its_own_keys(results, tmp_path):
     markdown = (results / "paper_table_gsm8k.md").read_text()
     assert "top-1 differs at 3.00% of 2000 positions" in markdown
     assert "measured a rebuilt run's LoRA, not the one in the rows above: its own 20 rollouts" in markdown
+
+
+def test_a_lora_trained_in_part_is_named_so(results, tmp_path):
+    setup = rebuilt_run(tmp_path / "run")
+    keep_step(setup.out, 50, trained=50)  # `--stage lora --lora-until 50`
+    measure(setup)
+    table.stage_footprint_render(setup, [])
+    markdown = (results / "paper_table_gsm8k.md").read_text()
+    assert ("kept checkpoint 50 (greedy accuracy on the validation problems: step 50 0.270, trained to step 50 of "
+            "149)") in markdown
 
 
 def test_a_folder_begun_on_another_lora_is_refused(results, tmp_path):
