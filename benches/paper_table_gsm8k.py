@@ -68,7 +68,7 @@ from steer.pipeline.evaluation import Arm, evaluate, head_digest
 from steer.pipeline.folders.predictions import PredictionFolder, PredictionRecord
 from steer.pipeline.problems import Problem, load_problems
 from steer.pipeline.summary import summarize
-from steer.settings import DecodingSettings, EvalSettings, LabelSettings, RolloutSettings, TrainSettings
+from steer.settings import PAPER_TAU, DecodingSettings, EvalSettings, LabelSettings, RolloutSettings, TrainSettings
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -423,7 +423,7 @@ def stage_footprint(setup: Setup, argv: list[str]) -> None:
     from steer.analysis.intervention import intervene
     from steer.integrations.vllm.decoding import vllm_decoders
     from steer.models import load_model
-    from steer.settings import PAPER_TAU, FootprintSettings
+    from steer.settings import FootprintSettings
 
     arms = arm_specs(setup)
     if "lora" not in arms:
@@ -661,9 +661,21 @@ def table_record(setup: Setup) -> dict:
 def _footprint_figures(result: dict) -> dict:
     """The footprint's headline figures (its histograms stay in its own folder)."""
     report = result["report"]
-    return {"rollouts": result["rollouts"], "lora_accuracy": result["rl_accuracy"],
-            **{k: report[k] for k in ("positions", "differ_fraction", "rank_share", "rank_share_differing",
-                                      "verdict", "reason")}}
+    gate = min(report["gate"], key=lambda row: abs(row["tau"] - PAPER_TAU))  # the recipe's decision points
+    return {"rollouts": result["rollouts"], "lora_accuracy": result["rl_accuracy"], "entropy": report["entropy"],
+            "gate": gate, **{k: report[k] for k in ("positions", "differ_fraction", "rank_share",
+                                                    "rank_share_differing", "verdict", "reason")}}
+
+
+def _gate_text(footprint: dict) -> str:
+    """Markdown: how well base entropy finds the positions where the LoRA's top-1 differs (renders of footprints
+    recorded before these figures were kept give nothing)."""
+    if "gate" not in footprint:
+        return ""
+    gate, entropy = footprint["gate"], footprint["entropy"]
+    return (f" Base entropy there averages {entropy['mean_differing']:.2f} nats against {entropy['mean_all']:.2f} "
+            f"overall; the recipe's gate (above {gate['tau']:g} nats) takes {gate['gated_fraction']:.1%} of positions "
+            f"and finds {gate['recall']:.0%} of those where the top-1 differs (precision {gate['precision']:.0%}).")
 
 
 def _config_parameters(model: str):
@@ -808,8 +820,8 @@ def lora_section(record: dict) -> list[str]:
         top5 = footprint["rank_share_differing"]["5"] if footprint["rank_share_differing"] else None
         lines += [f"Footprint on {footprint['rollouts']} LoRA samples of the first test problems: top-1 differs at "
                   f"{footprint['differ_fraction']:.2%} of {footprint['positions']} positions"
-                  + (f", {top5:.0%} of them to a base top-5 token" if top5 is not None else "")
-                  + f"; verdict {footprint['verdict']} ({footprint['reason']}).", ""]
+                  + (f", {top5:.1%} of them to a base top-5 token" if top5 is not None else "")
+                  + f"; verdict {footprint['verdict']} ({footprint['reason']})." + _gate_text(footprint), ""]
     if intervention:
         lines += [f"Intervention (greedy; the LoRA's top-1 substituted at base entropy above "
                   f"{intervention['tau']:g} nats, or at random steps at rate {intervention['random_rate']:.2%}):",
@@ -833,22 +845,29 @@ def _selection_text(selected: dict) -> str:
 
 
 def _measured_lora_text(record: dict) -> str:
-    """Markdown: which LoRA the footprint and the intervention measured: one whose rollouts and checkpoint choice
-    match the table's, or a rebuilt run's (a run rebuilt on another machine may draw other rollouts and keep another
-    checkpoint), described."""
+    """Markdown: which LoRA the footprint and the intervention measured: one trained on the table's rollouts that
+    keeps the table's checkpoint at the same validation accuracy (a run rebuilt from the committed rollouts may
+    train only to that checkpoint: `--lora-until`), or a rebuilt run's, described (a run rebuilt on another machine
+    may draw other rollouts and keep another checkpoint)."""
     measured, lora = record.get("footprint_lora"), record["compute"].get("lora", {})
     if not measured:
         return ""
-    same = (measured["rollouts"] == record["rollouts"] and "selected" in lora
-            and measured["selected"]["validation_greedy_accuracy"] == lora["selected"]["validation_greedy_accuracy"])
+    chosen, kept = measured["selected"], lora.get("selected")
+    step = str(chosen["step"])
+    same = (measured["rollouts"] == record["rollouts"] and kept is not None and chosen["step"] == kept["step"]
+            and chosen["validation_greedy_accuracy"][step] == kept["validation_greedy_accuracy"][step])
     if same:
-        return ("The footprint and the intervention measured a LoRA whose rollouts and checkpoint choice match the "
-                "table's.")
+        trained, total = chosen.get("trained_steps"), chosen.get("of_steps")
+        early = (f", trained again to step {trained} of {total}" if trained is not None and trained < total
+                 else "")
+        return (f"The footprint and the intervention measured a LoRA trained on the table's rollouts that keeps its "
+                f"checkpoint {step} at the same validation accuracy "
+                f"({chosen['validation_greedy_accuracy'][step]:.3f}){early}.")
     r = measured["rollouts"]
     return (f"The footprint and the intervention measured a rebuilt run's LoRA, not the one in the rows above: its "
             f"own {r['rollouts']} rollouts (mean reward {r['mean_reward']:.3f}, {r['mixed_problems']} problems with "
             f"right and wrong rollouts, {r['truncated']:.1%} truncated, median {r['median_tokens']:.0f} tokens), "
-            f"kept {_selection_text(measured['selected'])}.")
+            f"kept {_selection_text(chosen)}.")
 
 
 def _kept(curve: dict) -> str:

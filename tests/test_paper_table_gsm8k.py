@@ -73,7 +73,10 @@ def measure(setup: table.Setup) -> None:
     """What `--stage footprint` leaves: the measured LoRA, the footprint's report and the intervention's."""
     table.check_measured_lora(setup)
     report = {"positions": 2000, "differing": 60, "differ_fraction": 0.03, "rank_share": {"1": 0.97, "5": 0.99},
-              "rank_share_differing": {"5": 0.9, "10": 0.95}, "verdict": "sparse", "reason": "few positions"}
+              "rank_share_differing": {"5": 0.9, "10": 0.95}, "verdict": "sparse", "reason": "few positions",
+              "entropy": {"mean_all": 0.3, "mean_differing": 1.25, "ratio": 4.2},
+              "gate": [{"tau": tau / 10, "gated_fraction": 0.5 - tau / 100, "recall": 1 - tau / 20, "precision": 0.1}
+                       for tau in range(1, 31)]}
     (setup.out / "footprint" / "footprint.json").write_text(json.dumps(
         {"base": "model", "rl": "lora/merged-50", "rollouts": 20, "rl_accuracy": 0.3, "report": report, "plots": []}))
     arms = {"base": {"predictions": 20, "accuracy": 0.25, "gated": 0.0, "changed": 0.0, "recovered": None},
@@ -100,6 +103,8 @@ def test_footprint_render_changes_only_its_own_keys(results, tmp_path):
     assert (results / TABLE_FILES[1]).read_bytes() == before[TABLE_FILES[1]]  # the gate's pairs as committed
     markdown = (results / "paper_table_gsm8k.md").read_text()
     assert "top-1 differs at 3.00% of 2000 positions" in markdown
+    assert ("Base entropy there averages 1.25 nats against 0.30 overall; the recipe's gate (above 1.4 nats) takes "
+            "36.0% of positions and finds 30% of those where the top-1 differs (precision 10%).") in markdown
     assert "measured a rebuilt run's LoRA, not the one in the rows above: its own 20 rollouts" in markdown
 
 
@@ -111,6 +116,24 @@ def test_a_lora_trained_in_part_is_named_so(results, tmp_path):
     markdown = (results / "paper_table_gsm8k.md").read_text()
     assert ("kept checkpoint 50 (greedy accuracy on the validation problems: step 50 0.270, trained to step 50 of "
             "149)") in markdown
+
+
+def test_a_lora_trained_again_on_the_tables_rollouts_is_the_tables_where_its_choice_is():
+    rollouts = {"rollouts": 1280, "mean_reward": 0.265, "mixed_problems": 82, "truncated": 0.037, "median_tokens": 276}
+    kept = {"step": 50, "validation_greedy_accuracy": {"50": 0.29, "100": 0.07, "149": 0.06}}
+    again = {"step": 50, "validation_greedy_accuracy": {"50": 0.29}, "trained_steps": 50, "of_steps": 149}
+
+    def text(measured_rollouts: dict, selected: dict) -> str:
+        return table._measured_lora_text({"rollouts": rollouts, "compute": {"lora": {"selected": kept}},
+                                          "footprint_lora": {"rollouts": measured_rollouts, "selected": selected}})
+
+    assert text(rollouts, again) == ("The footprint and the intervention measured a LoRA trained on the table's "
+                                     "rollouts that keeps its checkpoint 50 at the same validation accuracy (0.290), "
+                                     "trained again to step 50 of 149.")
+    assert text(rollouts, kept).endswith("at the same validation accuracy (0.290).")
+    other_score = {**again, "validation_greedy_accuracy": {"50": 0.28}}
+    assert "a rebuilt run's LoRA" in text(rollouts, other_score)
+    assert "a rebuilt run's LoRA" in text({**rollouts, "mean_reward": 0.27}, again)
 
 
 def test_a_folder_begun_on_another_lora_is_refused(results, tmp_path):
