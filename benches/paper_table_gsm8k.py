@@ -558,7 +558,7 @@ def table_file(suffix: str) -> Path:
 
 def rendered_record() -> dict:
     """The table's record as last rendered (`paper_table_gsm8k.json`), for the stages that update part of it."""
-    return json.loads((table_file(".json")).read_text())
+    return json.loads(table_file(".json").read_text())
 
 
 def write_table(record: dict, gate: dict | None) -> None:
@@ -668,10 +668,7 @@ def _footprint_figures(result: dict) -> dict:
 
 
 def _gate_text(footprint: dict) -> str:
-    """Markdown: how well base entropy finds the positions where the LoRA's top-1 differs (renders of footprints
-    recorded before these figures were kept give nothing)."""
-    if "gate" not in footprint:
-        return ""
+    """Markdown: how well base entropy finds the positions where the LoRA's top-1 differs."""
     gate, entropy = footprint["gate"], footprint["entropy"]
     return (f" Base entropy there averages {entropy['mean_differing']:.2f} nats against {entropy['mean_all']:.2f} "
             f"overall; the recipe's gate (above {gate['tau']:g} nats) takes {gate['gated_fraction']:.1%} of positions "
