@@ -663,8 +663,9 @@ def _footprint_figures(result: dict) -> dict:
     report = result["report"]
     gate = min(report["gate"], key=lambda row: abs(row["tau"] - PAPER_TAU))  # the recipe's decision points
     return {"rollouts": result["rollouts"], "lora_accuracy": result["rl_accuracy"], "entropy": report["entropy"],
-            "gate": gate, **{k: report[k] for k in ("positions", "differ_fraction", "rank_share",
-                                                    "rank_share_differing", "verdict", "reason")}}
+            "gate": gate, "spread": report.get("spread"),  # reports before the spread lack it
+            **{k: report[k] for k in ("positions", "differ_fraction", "rank_share", "rank_share_differing",
+                                      "verdict", "reason")}}
 
 
 def _gate_text(footprint: dict) -> str:
@@ -673,6 +674,21 @@ def _gate_text(footprint: dict) -> str:
     return (f" Base entropy there averages {entropy['mean_differing']:.2f} nats against {entropy['mean_all']:.2f} "
             f"overall; the recipe's gate (above {gate['tau']:g} nats) takes {gate['gated_fraction']:.1%} of positions "
             f"and finds {gate['recall']:.0%} of those where the top-1 differs (precision {gate['precision']:.0%}).")
+
+
+def _spread_text(footprint: dict) -> str:
+    """Markdown: how the positions where the LoRA's top-1 differs fall over its samples, where the report says."""
+    spread = footprint.get("spread")
+    if not spread or spread["first"] is None:
+        return ""
+    count, first, place = spread["per_rollout"], spread["first"], spread["place"]
+    right, wrong = spread["differ_fraction_right"], spread["differ_fraction_wrong"]
+    shares = ("" if right is None or wrong is None else
+              f"; {right:.1%} of the tokens of right samples differ and {wrong:.1%} of wrong ones'")
+    return (f" By sample: {spread['with_any']:.0%} of samples have such positions, {count['mean']:.1f} on average "
+            f"(quartiles {count['q1']:g}, {count['median']:g}, {count['q3']:g}), the first at median token "
+            f"{first['median']:g}, spread over the completion (quartiles of their place {place['q1']:.0%}, "
+            f"{place['median']:.0%}, {place['q3']:.0%}){shares}.")
 
 
 def _config_parameters(model: str):
@@ -818,7 +834,8 @@ def lora_section(record: dict) -> list[str]:
         lines += [f"Footprint on {footprint['rollouts']} LoRA samples of the first test problems: top-1 differs at "
                   f"{footprint['differ_fraction']:.2%} of {footprint['positions']} positions"
                   + (f", {top5:.1%} of them to a base top-5 token" if top5 is not None else "")
-                  + f"; verdict {footprint['verdict']} ({footprint['reason']})." + _gate_text(footprint), ""]
+                  + f"; verdict {footprint['verdict']} ({footprint['reason']})." + _gate_text(footprint)
+                  + _spread_text(footprint), ""]
     if intervention:
         lines += [f"Intervention (greedy; the LoRA's top-1 substituted at base entropy above "
                   f"{intervention['tau']:g} nats, or at random steps at rate {intervention['random_rate']:.2%}):",

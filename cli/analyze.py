@@ -22,7 +22,7 @@ from steer.cli.settings import settings_from, settings_options
 from steer.settings import PAPER_TAU, EvalSettings, FootprintSettings, HeadroomSettings
 
 if TYPE_CHECKING:
-    from steer.analysis.footprint import FootprintResult
+    from steer.analysis.footprint import FootprintResult, RolloutSpread
     from steer.analysis.headroom import HeadroomReport
     from steer.analysis.intervention import InterventionReport
     from steer.pipeline.distributed import Workers
@@ -63,8 +63,24 @@ def footprint_lines(result: FootprintResult, out: str) -> list[str]:
         recall = "-" if gate.recall is None else f"{gate.recall:.3f}"
         lines.append(f"  entropy > {gate.tau}: gates {gate.gated_fraction:.2%} of positions, "
                      f"precision {precision}, recall {recall}")
-    lines.append(f"{report.verdict}: {report.reason}")
+    lines += [*spread_lines(report.spread), f"{report.verdict}: {report.reason}"]
     return [*lines, f"-> {Path(out) / REPORT_FILE}", *(f"-> {plot}" for plot in result.plots)]
+
+
+def spread_lines(spread: RolloutSpread) -> list[str]:
+    """How the differing positions fall over the completions, in words."""
+    count = spread.per_rollout
+    lines = [f"per completion: {count.mean:.1f} differing positions (quartiles {count.q1:g}, {count.median:g}, "
+             f"{count.q3:g}); {spread.with_any:.0%} of completions have one"]
+    if spread.first is not None and spread.place is not None:
+        place = spread.place
+        lines.append(f"  the first at median token {spread.first.median:g}; their place in the completion, quartiles "
+                     f"{place.q1:.0%}, {place.median:.0%}, {place.q3:.0%}")
+    if spread.differ_fraction_right is not None or spread.differ_fraction_wrong is not None:
+        right, wrong = (("-" if share is None else f"{share:.2%}")
+                        for share in (spread.differ_fraction_right, spread.differ_fraction_wrong))
+        lines.append(f"  differing share of tokens: right completions {right}, wrong {wrong}")
+    return lines
 
 
 def intervention_lines(report: InterventionReport, out: str) -> list[str]:

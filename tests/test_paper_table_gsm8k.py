@@ -76,7 +76,11 @@ def measure(setup: table.Setup) -> None:
               "rank_share_differing": {"5": 0.9, "10": 0.95}, "verdict": "sparse", "reason": "few positions",
               "entropy": {"mean_all": 0.3, "mean_differing": 1.25, "ratio": 4.2},
               "gate": [{"tau": tau / 10, "gated_fraction": 0.5 - tau / 100, "recall": 1 - tau / 20, "precision": 0.1}
-                       for tau in range(1, 31)]}
+                       for tau in range(1, 31)],
+              "spread": {"rollouts": 20, "with_any": 0.95, "per_rollout": {"mean": 3.0, "q1": 2, "median": 3, "q3": 4},
+                         "first": {"mean": 30.0, "q1": 10, "median": 21, "q3": 40},
+                         "place": {"mean": 0.4, "q1": 0.17, "median": 0.33, "q3": 0.64},
+                         "differ_fraction_right": 0.034, "differ_fraction_wrong": 0.033}}
     (setup.out / "footprint" / "footprint.json").write_text(json.dumps(
         {"base": "model", "rl": "lora/merged-50", "rollouts": 20, "rl_accuracy": 0.3, "report": report, "plots": []}))
     arms = {"base": {"predictions": 20, "accuracy": 0.25, "gated": 0.0, "changed": 0.0, "recovered": None},
@@ -104,7 +108,10 @@ def test_footprint_render_changes_only_its_own_keys(results, tmp_path):
     markdown = (results / "paper_table_gsm8k.md").read_text()
     assert "top-1 differs at 3.00% of 2000 positions" in markdown
     assert ("Base entropy there averages 1.25 nats against 0.30 overall; the recipe's gate (above 1.4 nats) takes "
-            "36.0% of positions and finds 30% of those where the top-1 differs (precision 10%).") in markdown
+            "36.0% of positions and finds 30% of those where the top-1 differs (precision 10%). By sample: 95% of "
+            "samples have such positions, 3.0 on average (quartiles 2, 3, 4), the first at median token 21, spread "
+            "over the completion (quartiles of their place 17%, 33%, 64%); 3.4% of the tokens of right samples "
+            "differ and 3.3% of wrong ones'.") in markdown
     assert "measured a rebuilt run's LoRA, not the one in the rows above: its own 20 rollouts" in markdown
 
 

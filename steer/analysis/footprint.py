@@ -7,8 +7,8 @@ that RL changes the top-1 at a few percent of positions, nearly always to a toke
 high-entropy positions.
 
 Outputs, under the run's folder: `rollouts/` (the RL model's completions, a rollout store), `positions.safetensors`
-(per position: base entropy, whether the top-1 differs, the RL choice's base rank), `footprint.json` (the report)
-and, with matplotlib installed, `entropy.png` and `rank.png`.
+(per position: base entropy, whether the top-1 differs, the RL choice's base rank; per completion: its length),
+`footprint.json` (the report) and, with matplotlib installed, `entropy.png` and `rank.png`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ ENTROPY_BINS = 40
 
 @dataclass(frozen=True)
 class Positions:
-    """Per generated position, rollouts concatenated.
+    """Per generated position, rollouts concatenated, and where each rollout's positions lie.
 
     Attributes:
         entropy (`torch.FloatTensor` of shape `(positions,)`): the base model's entropy (nats).
@@ -52,20 +52,36 @@ class Positions:
             base model (`rank > 1`; a token tied for the base model's first place counts as the same choice).
         rank (`torch.LongTensor` of shape `(positions,)`): 1 + the number of tokens the base model scores strictly
             above the RL model's top-1 (1: the RL choice is the base choice, or tied with it).
+        lengths (`torch.LongTensor` of shape `(rollouts,)`): each rollout's number of positions, in order; they sum
+            to `positions`.
     """
 
     entropy: torch.Tensor
     differ: torch.Tensor
     rank: torch.Tensor
+    lengths: torch.Tensor
+
+    def __post_init__(self) -> None:
+        sizes = {name: getattr(self, name).numel() for name in ("entropy", "differ", "rank")}
+        if len(set(sizes.values())) != 1 or int(self.lengths.sum()) != sizes["entropy"]:
+            raise ValueError(f"positions disagree in size: {sizes}, and the rollouts' lengths sum to "
+                             f"{int(self.lengths.sum())}")
+
+    def rollouts(self) -> tuple[torch.Tensor, ...]:
+        """`differ` cut into one `torch.BoolTensor` per rollout, of its length."""
+        return self.differ.split(self.lengths.tolist())
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"entropy": self.entropy, "differ": self.differ, "rank": self.rank}, tmp)
+        save_file({name: getattr(self, name) for name in ("entropy", "differ", "rank", "lengths")}, tmp)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> Positions:
-        return cls(**load_file(path))
+        tensors = load_file(path)
+        if "lengths" not in tensors:
+            raise ValueError(f"{path} has no rollout lengths (written by an earlier steer): run the footprint again")
+        return cls(**tensors)
 
 
 def compare_positions(
@@ -84,7 +100,7 @@ def compare_positions(
     """
     order = sorted(range(len(rollouts)), key=lambda i: sequence_length(rollouts[i]))
     ordered = [rollouts[i] for i in order]
-    parts: list[Positions | None] = [None] * len(rollouts)
+    parts: list[dict[str, torch.Tensor] | None] = [None] * len(rollouts)
     bar = ThroughputBar(len(rollouts), "comparing", "rollout", progress)
     for batch in token_batches(ordered, max_batch_tokens):
         group = [ordered[i] for i in batch]
@@ -92,10 +108,11 @@ def compare_positions(
             parts[order[index]] = _compare(b[0], r[0])
         bar.advance(len(batch), sum(len(rollout.completion_ids) for rollout in group))
     bar.close()
-    return Positions(*(torch.cat([getattr(p, name) for p in parts]) for name in ("entropy", "differ", "rank")))
+    return Positions(*(torch.cat([p[name] for p in parts]) for name in ("entropy", "differ", "rank")),
+                     lengths=torch.tensor([len(rollout.completion_ids) for rollout in rollouts], dtype=torch.long))
 
 
-def _compare(base_logits: torch.Tensor, rl_logits: torch.Tensor) -> Positions:
+def _compare(base_logits: torch.Tensor, rl_logits: torch.Tensor) -> dict[str, torch.Tensor]:
     width = min(base_logits.shape[-1], rl_logits.shape[-1])  # vocabularies padded to different sizes
     base_logits, rl_logits = base_logits[:, :width], rl_logits[:, :width]
     entropy = entropy_topk(base_logits, 1).entropy
@@ -103,7 +120,7 @@ def _compare(base_logits: torch.Tensor, rl_logits: torch.Tensor) -> Positions:
     base_float = base_logits.float()
     chosen = base_float.gather(-1, rl_choice.unsqueeze(-1))
     rank = 1 + (base_float > chosen).sum(-1)
-    return Positions(entropy.cpu(), (rank > 1).cpu(), rank.cpu())
+    return {"entropy": entropy.cpu(), "differ": (rank > 1).cpu(), "rank": rank.cpu()}
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,87 @@ class EntropyContrast:
 
 
 @dataclass(frozen=True)
+class Quartiles:
+    """The mean and quartiles of some values."""
+
+    mean: float
+    q1: float
+    median: float
+    q3: float
+
+    @classmethod
+    def of(cls, values: torch.Tensor) -> Quartiles | None:
+        """The figures of `values` (any shape), `None` where there are none."""
+        if values.numel() == 0:
+            return None
+        values = values.double().flatten()
+        q1, median, q3 = torch.quantile(values, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+        return cls(mean=float(values.mean()), q1=q1, median=median, q3=q3)
+
+
+@dataclass(frozen=True)
+class RolloutSpread:
+    """How the differing positions fall over the rollouts compared.
+
+    Attributes:
+        rollouts (`int`): rollouts compared. with_any (`float`): the share with at least one differing position.
+        per_rollout ([`Quartiles`]): differing positions per rollout.
+        first ([`Quartiles`], *optional*): the index (from 0) of each rollout's first differing position, over the
+            rollouts with one.
+        place ([`Quartiles`], *optional*): where in its rollout each differing position lies, as index / length
+            (0: the first token, near 1: the last).
+        differ_fraction_right (`float`, *optional*), differ_fraction_wrong (`float`, *optional*): the share of
+            positions that differ in right rollouts (reward > 0) and in the others, where rewards were given and such
+            rollouts have positions.
+    """
+
+    rollouts: int
+    with_any: float
+    per_rollout: Quartiles
+    first: Quartiles | None
+    place: Quartiles | None
+    differ_fraction_right: float | None = None
+    differ_fraction_wrong: float | None = None
+
+
+def rollout_spread(positions: Positions, rewards: Sequence[float] | None = None) -> RolloutSpread:
+    """How the differing positions fall over the rollouts, and, with the rollouts' `rewards` (one per rollout, in
+    the order of `positions`), how often positions differ in right rollouts and in wrong ones.
+
+    Example:
+
+    ```python
+    >>> p = Positions(torch.rand(5), torch.tensor([False, True, False, False, False]), torch.tensor([1, 2, 1, 1, 1]),
+    ...               lengths=torch.tensor([2, 3]))
+    >>> spread = rollout_spread(p, rewards=[1.0, 0.0])
+    >>> spread.with_any, spread.first.median, spread.differ_fraction_right, spread.differ_fraction_wrong
+    (0.5, 1.0, 0.5, 0.0)
+    ```
+    """
+    parts = positions.rollouts()
+    if rewards is not None and len(rewards) != len(parts):
+        raise ValueError(f"{len(rewards)} rewards for {len(parts)} rollouts")
+    counts = torch.tensor([int(part.sum()) for part in parts], dtype=torch.float64)
+    hits = [(part.nonzero()[:, 0], len(part)) for part in parts if part.any()]
+    places = [index.double() / length for index, length in hits]
+    fractions: dict[str, float | None] = {"right": None, "wrong": None}
+    if rewards is not None:
+        right = torch.tensor([reward > 0 for reward in rewards])
+        for name, rows in (("right", right), ("wrong", ~right)):
+            tokens = int(positions.lengths[rows].sum())
+            fractions[name] = float(counts[rows].sum()) / tokens if tokens else None
+    return RolloutSpread(
+        rollouts=len(parts),
+        with_any=float((counts > 0).double().mean()) if parts else 0.0,
+        per_rollout=Quartiles.of(counts) or Quartiles(0.0, 0.0, 0.0, 0.0),
+        first=Quartiles.of(torch.tensor([float(index[0]) for index, _ in hits])),
+        place=Quartiles.of(torch.cat(places)) if places else None,
+        differ_fraction_right=fractions["right"],
+        differ_fraction_wrong=fractions["wrong"],
+    )
+
+
+@dataclass(frozen=True)
 class FootprintReport:
     """The footprint's figures (see the module docstring).
 
@@ -136,6 +234,7 @@ class FootprintReport:
         rank_share (`dict[str, float]`): share of RL choices inside the base top-1, top-5, top-10 (keys "1", "5",
             "10"), over all positions; rank_share_differing: the same over the differing positions (top-5, top-10).
         entropy ([`EntropyContrast`]). gate (`list[GateQuality]`): one per tau of the grid.
+        spread ([`RolloutSpread`]): how the differing positions fall over the rollouts.
         histograms (`dict`): the counts behind the plots.
         verdict (`str`), reason (`str`): "sparse" (RL's change is the paper's kind: at most [`SPARSE_FRACTION`] of
             positions, at least [`SPARSE_TOP5_SHARE`] of them to a base top-5 token), "dense" (it is not: a head
@@ -149,6 +248,7 @@ class FootprintReport:
     rank_share_differing: dict[str, float] | None
     entropy: EntropyContrast
     gate: list[GateQuality]
+    spread: RolloutSpread
     histograms: dict
     verdict: str
     reason: str
@@ -167,14 +267,16 @@ def sparsity_verdict(differ_fraction: float, top5_share_differing: float | None)
                      "decision points cannot reproduce this change")
 
 
-def footprint_report(positions: Positions, taus: Sequence[float] = DEFAULT_TAUS) -> FootprintReport:
-    """The footprint's figures from per-position comparisons.
+def footprint_report(positions: Positions, taus: Sequence[float] = DEFAULT_TAUS,
+                     rewards: Sequence[float] | None = None) -> FootprintReport:
+    """The footprint's figures from per-position comparisons, and the rollouts' `rewards` where given (see
+    [`rollout_spread`]).
 
     Example:
 
     ```python
     >>> p = Positions(torch.tensor([0.1, 2.0, 0.2, 1.8]), torch.tensor([False, True, False, False]),
-    ...               torch.tensor([1, 2, 1, 1]))
+    ...               torch.tensor([1, 2, 1, 1]), lengths=torch.tensor([4]))
     >>> footprint_report(p, taus=[1.0]).gate[0]
     GateQuality(tau=1.0, gated_fraction=0.5, precision=0.5, recall=1.0)
     ```
@@ -201,6 +303,7 @@ def footprint_report(positions: Positions, taus: Sequence[float] = DEFAULT_TAUS)
             ratio=mean_differing / mean_all if mean_differing is not None and mean_all > 0 else None,
         ),
         gate=[_gate(entropy, differ, tau) for tau in taus],
+        spread=rollout_spread(positions, rewards),
         histograms=_histograms(entropy, differ, rank),
         verdict=verdict,
         reason=reason,
@@ -311,7 +414,7 @@ def footprint(
     rollouts = [r for r in RolloutFolder(out / "rollouts").read_records() if r.problem_id in wanted]
     positions = compare_positions(base, rl, rollouts, settings.max_batch_tokens, progress)
     positions.save(out / POSITIONS_FILE)
-    report = footprint_report(positions, settings.taus)
+    report = footprint_report(positions, settings.taus, [r.reward for r in rollouts])
     try:
         plots = [str(path) for path in plot_footprint(report, out)]
     except ImportError:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from steer.analysis.footprint import (
@@ -24,11 +26,14 @@ from steer.analysis.footprint import (
     FootprintSettings,
     GateQuality,
     Positions,
+    Quartiles,
     compare_positions,
     footprint,
     footprint_report,
+    rollout_spread,
 )
 from steer.analysis.intervention import SubstitutionProcessor, intervene, recovered_share, substitution
+from steer.cli.analyze import spread_lines
 from steer.cli.main import main
 from steer.pipeline.decoding import DecodingSettings, decode_batch
 from steer.pipeline.evaluation import EvalSettings
@@ -106,11 +111,16 @@ def test_footprint_finds_exactly_the_planted_positions(planted, digits, tokenize
     report = footprint(base, rl, tokenizer, problems, tmp_path, settings, progress=False).report
 
     rollouts = RolloutFolder(tmp_path / "rollouts").read_records()
-    expected = torch.tensor([
-        (r.prompt_ids + r.completion_ids)[len(r.prompt_ids) - 1 + t] == digits[5]
-        for r in rollouts for t in range(len(r.completion_ids))
-    ])
+    by_rollout = [[(r.prompt_ids + r.completion_ids)[len(r.prompt_ids) - 1 + t] == digits[5]
+                   for t in range(len(r.completion_ids))] for r in rollouts]
+    expected = torch.tensor([hit for row in by_rollout for hit in row])
     positions = Positions.load(tmp_path / POSITIONS_FILE)
+    assert positions.lengths.tolist() == [len(row) for row in by_rollout]
+    firsts = [row.index(True) for row in by_rollout if any(row)]
+    assert report.spread.rollouts == len(rollouts)
+    assert report.spread.with_any == pytest.approx(len(firsts) / len(rollouts))
+    assert report.spread.per_rollout.mean == pytest.approx(sum(map(sum, by_rollout)) / len(rollouts))
+    assert report.spread.first.median == pytest.approx(statistics.median(firsts))
     assert expected.any() and not expected.all()
     assert torch.equal(positions.differ, expected)
     assert torch.equal(positions.rank, torch.where(expected, 2, 1))
@@ -160,7 +170,7 @@ def test_footprint_compares_the_samplers_completions(planted, tokenizer, problem
 
 def test_footprint_report_counts_by_hand():
     positions = Positions(torch.tensor([0.1, 2.0, 0.3, 1.5, 3.0]), torch.tensor([False, True, False, False, True]),
-                          torch.tensor([1, 3, 1, 1, 12]))
+                          torch.tensor([1, 3, 1, 1, 12]), lengths=torch.tensor([5]))
     report = footprint_report(positions, taus=(1.0, 2.5))
     assert report.differ_fraction == pytest.approx(0.4)
     assert report.rank_share == {"1": pytest.approx(0.6), "5": pytest.approx(0.8), "10": pytest.approx(0.8)}
@@ -172,7 +182,37 @@ def test_footprint_report_counts_by_hand():
     assert report.histograms["rank_differing"]["3"] == 1 and report.histograms["rank_differing"][">10"] == 1
     assert report.verdict == "dense" and "40.0% of positions" in report.reason
     with pytest.raises(ValueError, match="no positions"):
-        footprint_report(Positions(torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long)))
+        footprint_report(Positions(torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long),
+                                   lengths=torch.zeros(0, dtype=torch.long)))
+
+
+def test_rollout_spread_counts_by_hand(tmp_path):
+    differ = torch.tensor([False, False, True, True,  # rollout 0 (right): first at 2, places 2/4 and 3/4
+                           False, False, False,       # rollout 1 (wrong): none
+                           True, False])              # rollout 2 (wrong): first at 0, place 0/2
+    positions = Positions(torch.rand(9), differ, torch.where(differ, 2, 1), lengths=torch.tensor([4, 3, 2]))
+    spread = rollout_spread(positions, rewards=[1.0, 0.0, 0.0])
+    assert spread.rollouts == 3 and spread.with_any == pytest.approx(2 / 3)
+    assert spread.per_rollout == Quartiles(mean=1.0, q1=0.5, median=1.0, q3=1.5)
+    assert spread.first == Quartiles(mean=1.0, q1=0.5, median=1.0, q3=1.5)
+    assert spread.place == Quartiles(mean=pytest.approx(1.25 / 3), q1=0.25, median=0.5, q3=0.625)
+    assert spread.differ_fraction_right == 0.5 and spread.differ_fraction_wrong == pytest.approx(1 / 5)
+    assert rollout_spread(positions).differ_fraction_right is None
+    with pytest.raises(ValueError, match="2 rewards for 3 rollouts"):
+        rollout_spread(positions, rewards=[1.0, 0.0])
+    with pytest.raises(ValueError, match="lengths sum to 8"):
+        Positions(torch.rand(9), differ, torch.ones(9, dtype=torch.long), lengths=torch.tensor([4, 4]))
+    positions.save(tmp_path / POSITIONS_FILE)
+    assert torch.equal(Positions.load(tmp_path / POSITIONS_FILE).lengths, positions.lengths)
+    save_file({"entropy": torch.rand(2), "differ": torch.zeros(2, dtype=torch.bool),
+               "rank": torch.ones(2, dtype=torch.long)}, tmp_path / "old.safetensors")
+    with pytest.raises(ValueError, match="no rollout lengths"):
+        Positions.load(tmp_path / "old.safetensors")
+    assert spread_lines(spread) == [
+        "per completion: 1.0 differing positions (quartiles 0.5, 1, 1.5); 67% of completions have one",
+        "  the first at median token 1; their place in the completion, quartiles 25%, 50%, 62%",
+        "  differing share of tokens: right completions 50.00%, wrong 20.00%",
+    ]
 
 
 @pytest.mark.parametrize("differing, rank, verdict", [
@@ -185,7 +225,7 @@ def test_footprint_verdict_says_whether_a_head_can_reproduce_the_change(differin
     differ = torch.zeros(100, dtype=torch.bool)
     differ[torch.randperm(100)[:differing]] = True
     ranks = torch.where(differ, torch.tensor(rank), torch.tensor(1))
-    report = footprint_report(Positions(torch.rand(100) * 3, differ, ranks), taus=(1.0,))
+    report = footprint_report(Positions(torch.rand(100) * 3, differ, ranks, torch.tensor([60, 40])), taus=(1.0,))
     assert report.verdict == verdict, report.reason
 
 
@@ -296,6 +336,8 @@ def test_analyze_commands_on_a_model_against_itself(tiny_model_dir, arithmetic_f
     report = report["report"]
     assert report["differ_fraction"] == 0.0 and report["rank_share"]["1"] == 1.0 and report["positions"] > 0
     assert report["verdict"] == "none"
+    assert report["spread"]["rollouts"] == 6 and report["spread"]["with_any"] == 0.0
+    assert report["spread"]["first"] is None and report["spread"]["per_rollout"]["mean"] == 0.0
     result = CliRunner().invoke(main, ["analyze", "intervene", *common, "--out", str(tmp_path / "i"),
                                        "--temperature", "0", "--tau", "0"])
     assert result.exit_code == 0, result.output
