@@ -677,18 +677,19 @@ def _gate_text(footprint: dict) -> str:
 
 
 def _spread_text(footprint: dict) -> str:
-    """Markdown: how the positions where the LoRA's top-1 differs fall over its samples, where the report says."""
+    """Markdown: how the positions where the LoRA's top-1 differs fall over its samples, where the report says
+    (reports written before the spread, or without a differing position, say nothing here)."""
     spread = footprint.get("spread")
     if not spread or spread["first"] is None:
         return ""
     count, first, place = spread["per_rollout"], spread["first"], spread["place"]
     right, wrong = spread["differ_fraction_right"], spread["differ_fraction_wrong"]
     shares = ("" if right is None or wrong is None else
-              f"; {right:.1%} of the tokens of right samples differ and {wrong:.1%} of wrong ones'")
+              f"; they are {right:.1%} of the tokens of right samples and {wrong:.1%} of those of wrong ones")
     return (f" By sample: {spread['with_any']:.0%} of samples have such positions, {count['mean']:.1f} on average "
             f"(quartiles {count['q1']:g}, {count['median']:g}, {count['q3']:g}), the first at median token "
-            f"{first['median']:g}, spread over the completion (quartiles of their place {place['q1']:.0%}, "
-            f"{place['median']:.0%}, {place['q3']:.0%}){shares}.")
+            f"{first['median']:g}; quartiles of their place in the completion {place['q1']:.0%}, "
+            f"{place['median']:.0%}, {place['q3']:.0%}{shares}.")
 
 
 def _config_parameters(model: str):

@@ -68,8 +68,11 @@ def footprint_lines(result: FootprintResult, out: str) -> list[str]:
 
 
 def spread_lines(spread: RolloutSpread) -> list[str]:
-    """How the differing positions fall over the completions, in words."""
+    """How the differing positions fall over the completions, in words: one line, and one each for where they lie
+    and for right against wrong completions where the report has those figures."""
     count = spread.per_rollout
+    if count is None:
+        return ["no completions compared"]
     lines = [f"per completion: {count.mean:.1f} differing positions (quartiles {count.q1:g}, {count.median:g}, "
              f"{count.q3:g}); {spread.with_any:.0%} of completions have one"]
     if spread.first is not None and spread.place is not None:
@@ -79,7 +82,7 @@ def spread_lines(spread: RolloutSpread) -> list[str]:
     if spread.differ_fraction_right is not None or spread.differ_fraction_wrong is not None:
         right, wrong = (("-" if share is None else f"{share:.2%}")
                         for share in (spread.differ_fraction_right, spread.differ_fraction_wrong))
-        lines.append(f"  differing share of tokens: right completions {right}, wrong {wrong}")
+        lines.append(f"  differing share of tokens: right completions (reward > 0) {right}, wrong {wrong}")
     return lines
 
 

@@ -109,10 +109,17 @@ def test_footprint_render_changes_only_its_own_keys(results, tmp_path):
     assert "top-1 differs at 3.00% of 2000 positions" in markdown
     assert ("Base entropy there averages 1.25 nats against 0.30 overall; the recipe's gate (above 1.4 nats) takes "
             "36.0% of positions and finds 30% of those where the top-1 differs (precision 10%). By sample: 95% of "
-            "samples have such positions, 3.0 on average (quartiles 2, 3, 4), the first at median token 21, spread "
-            "over the completion (quartiles of their place 17%, 33%, 64%); 3.4% of the tokens of right samples "
-            "differ and 3.3% of wrong ones'.") in markdown
+            "samples have such positions, 3.0 on average (quartiles 2, 3, 4), the first at median token 21; "
+            "quartiles of their place in the completion 17%, 33%, 64%; they are 3.4% of the tokens of right samples "
+            "and 3.3% of those of wrong ones.") in markdown
     assert "measured a rebuilt run's LoRA, not the one in the rows above: its own 20 rollouts" in markdown
+
+
+def test_a_footprint_without_a_spread_says_nothing_of_it():
+    assert table._spread_text({"entropy": {}}) == ""  # a report written before the spread
+    no_difference = {"rollouts": 4, "with_any": 0.0, "per_rollout": {"mean": 0.0, "q1": 0, "median": 0, "q3": 0},
+                     "first": None, "place": None, "differ_fraction_right": 0.0, "differ_fraction_wrong": 0.0}
+    assert table._spread_text({"spread": no_difference}) == ""
 
 
 def test_a_lora_trained_in_part_is_named_so(results, tmp_path):

@@ -63,12 +63,15 @@ class Positions:
 
     def __post_init__(self) -> None:
         sizes = {name: getattr(self, name).numel() for name in ("entropy", "differ", "rank")}
-        if len(set(sizes.values())) != 1 or int(self.lengths.sum()) != sizes["entropy"]:
-            raise ValueError(f"positions disagree in size: {sizes}, and the rollouts' lengths sum to "
-                             f"{int(self.lengths.sum())}")
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"positions disagree in size: {sizes}")
+        if self.lengths.dim() != 1 or self.lengths.is_floating_point() or bool((self.lengths < 0).any()):
+            raise ValueError(f"lengths must be a 1-D tensor of non-negative integers, got {self.lengths}")
+        if (total := int(self.lengths.sum())) != sizes["entropy"]:
+            raise ValueError(f"the rollouts' lengths sum to {total}, but there are {sizes['entropy']} positions")
 
-    def rollouts(self) -> tuple[torch.Tensor, ...]:
-        """`differ` cut into one `torch.BoolTensor` per rollout, of its length."""
+    def differ_by_rollout(self) -> tuple[torch.Tensor, ...]:
+        """`differ` cut into one `torch.BoolTensor` of shape `(length,)` per rollout, in order."""
         return self.differ.split(self.lengths.tolist())
 
     def save(self, path: Path) -> None:
@@ -145,7 +148,16 @@ class EntropyContrast:
 
 @dataclass(frozen=True)
 class Quartiles:
-    """The mean and quartiles of some values."""
+    """The mean and quartiles of some values (quartiles interpolated linearly, as `torch.quantile` does, so counts
+    may have fractional quartiles).
+
+    Example:
+
+    ```python
+    >>> Quartiles.of(torch.tensor([0, 1, 2]))
+    Quartiles(mean=1.0, q1=0.5, median=1.0, q3=1.5)
+    ```
+    """
 
     mean: float
     q1: float
@@ -154,7 +166,7 @@ class Quartiles:
 
     @classmethod
     def of(cls, values: torch.Tensor) -> Quartiles | None:
-        """The figures of `values` (any shape), `None` where there are none."""
+        """The figures of `values` (a tensor of any shape and dtype), `None` where there are none."""
         if values.numel() == 0:
             return None
         values = values.double().flatten()
@@ -168,19 +180,19 @@ class RolloutSpread:
 
     Attributes:
         rollouts (`int`): rollouts compared. with_any (`float`): the share with at least one differing position.
-        per_rollout ([`Quartiles`]): differing positions per rollout.
+        per_rollout ([`Quartiles`], *optional*): differing positions per rollout (`None` without rollouts).
         first ([`Quartiles`], *optional*): the index (from 0) of each rollout's first differing position, over the
             rollouts with one.
         place ([`Quartiles`], *optional*): where in its rollout each differing position lies, as index / length
-            (0: the first token, near 1: the last).
+            (0: the first token; the last token of a rollout of n tokens is at (n - 1) / n).
         differ_fraction_right (`float`, *optional*), differ_fraction_wrong (`float`, *optional*): the share of
-            positions that differ in right rollouts (reward > 0) and in the others, where rewards were given and such
-            rollouts have positions.
+            positions that differ in right rollouts (reward above 0: with a shaped reward, any rewarded rollout) and
+            in the others, where rewards were given and such rollouts have positions.
     """
 
     rollouts: int
     with_any: float
-    per_rollout: Quartiles
+    per_rollout: Quartiles | None
     first: Quartiles | None
     place: Quartiles | None
     differ_fraction_right: float | None = None
@@ -189,7 +201,7 @@ class RolloutSpread:
 
 def rollout_spread(positions: Positions, rewards: Sequence[float] | None = None) -> RolloutSpread:
     """How the differing positions fall over the rollouts, and, with the rollouts' `rewards` (one per rollout, in
-    the order of `positions`), how often positions differ in right rollouts and in wrong ones.
+    the order of `positions`), how often positions differ in right rollouts (reward above 0) and in wrong ones.
 
     Example:
 
@@ -201,24 +213,23 @@ def rollout_spread(positions: Positions, rewards: Sequence[float] | None = None)
     (0.5, 1.0, 0.5, 0.0)
     ```
     """
-    parts = positions.rollouts()
+    parts = positions.differ_by_rollout()
     if rewards is not None and len(rewards) != len(parts):
         raise ValueError(f"{len(rewards)} rewards for {len(parts)} rollouts")
     counts = torch.tensor([int(part.sum()) for part in parts], dtype=torch.float64)
     hits = [(part.nonzero()[:, 0], len(part)) for part in parts if part.any()]
-    places = [index.double() / length for index, length in hits]
     fractions: dict[str, float | None] = {"right": None, "wrong": None}
     if rewards is not None:
-        right = torch.tensor([reward > 0 for reward in rewards])
+        right = torch.tensor([reward > 0 for reward in rewards], dtype=torch.bool)
         for name, rows in (("right", right), ("wrong", ~right)):
             tokens = int(positions.lengths[rows].sum())
             fractions[name] = float(counts[rows].sum()) / tokens if tokens else None
     return RolloutSpread(
         rollouts=len(parts),
-        with_any=float((counts > 0).double().mean()) if parts else 0.0,
-        per_rollout=Quartiles.of(counts) or Quartiles(0.0, 0.0, 0.0, 0.0),
+        with_any=len(hits) / len(parts) if parts else 0.0,
+        per_rollout=Quartiles.of(counts),
         first=Quartiles.of(torch.tensor([float(index[0]) for index, _ in hits])),
-        place=Quartiles.of(torch.cat(places)) if places else None,
+        place=Quartiles.of(torch.cat([index.double() / length for index, length in hits])) if hits else None,
         differ_fraction_right=fractions["right"],
         differ_fraction_wrong=fractions["wrong"],
     )

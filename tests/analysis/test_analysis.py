@@ -27,6 +27,7 @@ from steer.analysis.footprint import (
     GateQuality,
     Positions,
     Quartiles,
+    RolloutSpread,
     compare_positions,
     footprint,
     footprint_report,
@@ -121,6 +122,10 @@ def test_footprint_finds_exactly_the_planted_positions(planted, digits, tokenize
     assert report.spread.with_any == pytest.approx(len(firsts) / len(rollouts))
     assert report.spread.per_rollout.mean == pytest.approx(sum(map(sum, by_rollout)) / len(rollouts))
     assert report.spread.first.median == pytest.approx(statistics.median(firsts))
+    for right, share in ((True, report.spread.differ_fraction_right), (False, report.spread.differ_fraction_wrong)):
+        rows = [row for row, r in zip(by_rollout, rollouts) if (r.reward > 0) == right]
+        tokens = sum(map(len, rows))
+        assert share == (pytest.approx(sum(map(sum, rows)) / tokens) if tokens else None)
     assert expected.any() and not expected.all()
     assert torch.equal(positions.differ, expected)
     assert torch.equal(positions.rank, torch.where(expected, 2, 1))
@@ -200,8 +205,14 @@ def test_rollout_spread_counts_by_hand(tmp_path):
     assert rollout_spread(positions).differ_fraction_right is None
     with pytest.raises(ValueError, match="2 rewards for 3 rollouts"):
         rollout_spread(positions, rewards=[1.0, 0.0])
-    with pytest.raises(ValueError, match="lengths sum to 8"):
+    with pytest.raises(ValueError, match="lengths sum to 8, but there are 9 positions"):
         Positions(torch.rand(9), differ, torch.ones(9, dtype=torch.long), lengths=torch.tensor([4, 4]))
+    with pytest.raises(ValueError, match="non-negative integers"):
+        Positions(torch.rand(9), differ, torch.ones(9, dtype=torch.long), lengths=torch.tensor([4.5, 4.5]))
+    nothing = Positions(torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long),
+                        lengths=torch.zeros(0, dtype=torch.long))
+    assert rollout_spread(nothing, rewards=[]) == RolloutSpread(0, 0.0, None, None, None)
+    assert spread_lines(rollout_spread(nothing)) == ["no completions compared"]
     positions.save(tmp_path / POSITIONS_FILE)
     assert torch.equal(Positions.load(tmp_path / POSITIONS_FILE).lengths, positions.lengths)
     save_file({"entropy": torch.rand(2), "differ": torch.zeros(2, dtype=torch.bool),
@@ -211,7 +222,7 @@ def test_rollout_spread_counts_by_hand(tmp_path):
     assert spread_lines(spread) == [
         "per completion: 1.0 differing positions (quartiles 0.5, 1, 1.5); 67% of completions have one",
         "  the first at median token 1; their place in the completion, quartiles 25%, 50%, 62%",
-        "  differing share of tokens: right completions 50.00%, wrong 20.00%",
+        "  differing share of tokens: right completions (reward > 0) 50.00%, wrong 20.00%",
     ]
 
 
