@@ -464,7 +464,7 @@ def steer_logits(
     Example:
 
     ```python
-    >>> weight = model.get_output_embeddings().weight
+    >>> weight = model.get_output_embeddings().weight  # doctest: +SKIP
     >>> out = steer_logits(scores, correction, weight, k=5, tau=1.4, inplace=True)  # doctest: +SKIP
     ```
     """

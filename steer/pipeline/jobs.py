@@ -86,7 +86,7 @@ class Job(Generic[U, R]):
     Example:
 
     ```python
-    >>> job = Job("squares", "item", SquaresFolder("out"), {}, units=range(10),
+    >>> job = Job("squares", "item", SquaresFolder("out"), {}, units=range(10),  # doctest: +SKIP
     ...           unit_keys=lambda n: [(n,)], batches=lambda pending: [pending],
     ...           work=lambda batch: Work([Square(n, n * n) for n in batch], len(batch), 0))
     >>> run_job(job).totals.items  # doctest: +SKIP

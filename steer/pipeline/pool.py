@@ -74,7 +74,7 @@ def select_pool(
     ```python
     >>> from types import SimpleNamespace
     >>> rollouts = [SimpleNamespace(problem_id="a", sample=s, reward=float(s % 2), num_tokens=10) for s in range(4)]
-    >>> select_pool(rollouts, keep_shortest=1.0).advantages[("a", 1)]
+    >>> round(select_pool(rollouts, keep_shortest=1.0).advantages[("a", 1)], 6)  # (1 - 0.5) / (0.5 + 1e-8)
     1.0
     ```
     """
