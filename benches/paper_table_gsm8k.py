@@ -840,10 +840,19 @@ def lora_section(record: dict) -> list[str]:
     if intervention:
         lines += [f"Intervention (greedy; the LoRA's top-1 substituted at base entropy above "
                   f"{intervention['tau']:g} nats, or at random steps at rate {intervention['random_rate']:.2%}):",
-                  "", "| arm | accuracy | substituted | changed | LoRA gain recovered |", "|---|---|---|---|---|"]
+                  "", "| arm | accuracy | against base (McNemar) | substituted | changed | LoRA gain recovered |",
+                  "|---|---|---|---|---|---|"]
         for arm, row in intervention["benchmarks"]["test"].items():
             share = "-" if row["recovered"] is None else f"{row['recovered']:.0%}"
-            lines.append(f"| {arm} | {row['accuracy']:.3f} | {row['gated']:.1%} | {row['changed']:.1%} | {share} |")
+            paired = row.get("paired")  # reports before the paired tests lack it
+            versus = "-" if not paired else (f"{paired['difference']:+.3f}, p = {paired['p_value']:.2g} "
+                                             f"({paired['gained']} gained, {paired['lost']} lost)")
+            lines.append(f"| {arm} | {row['accuracy']:.3f} | {versus} | {row['gated']:.1%} | {row['changed']:.1%} "
+                         f"| {share} |")
+        rows = intervention["benchmarks"]["test"]
+        if rows["rl"]["accuracy"] <= rows["base"]["accuracy"]:
+            lines += ["", "The LoRA (`rl`) gains nothing over base on these problems: there is no gain for the "
+                      "substitution arms to recover, and what they show is whether substituting harms."]
         lines.append("")
     measured = _measured_lora_text(record)
     return lines + [measured, ""] if measured else lines

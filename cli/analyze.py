@@ -94,7 +94,8 @@ def intervention_lines(report: InterventionReport, out: str) -> list[str]:
         for arm, row in arms.items():
             recovered = f", recovers {row.recovered:.1%} of the RL gain" if row.recovered is not None else ""
             gated = f", substituted at {row.gated:.2%} of steps" if arm in ("gated", "random") else ""
-            lines.append(f"{name} {arm:>6}: accuracy {row.accuracy:.3f}{gated}{recovered}")
+            paired = "" if row.paired is None else f", against base {row.paired.figures()}"
+            lines.append(f"{name} {arm:>6}: accuracy {row.accuracy:.3f}{paired}{gated}{recovered}")
     return [*lines, f"-> {Path(out) / REPORT_FILE}"]
 
 

@@ -65,9 +65,7 @@ def results_table(summary: EvalSummary) -> list[str]:
                          passes or "-", f"{a.gated_fraction:.1%}" if acted else "-",
                          f"{a.changed_fraction:.1%}" if acted else "-"))
         for arm, p in benchmark.paired.items():
-            detail = f", {p.gained} gained, {p.lost} lost" if p.gained is not None else ""
-            notes.append(f"{name}: {arm} - base = {p.difference:+.3f} ({p.test} p = {p.p_value:.3g}{detail}): "
-                         f"{p.verdict()}")
+            notes.append(f"{name}: {arm} - base = {p.figures()}: {p.verdict()}")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     run = summary.run

@@ -84,7 +84,10 @@ def measure(setup: table.Setup) -> None:
     (setup.out / "footprint" / "footprint.json").write_text(json.dumps(
         {"base": "model", "rl": "lora/merged-50", "rollouts": 20, "rl_accuracy": 0.3, "report": report, "plots": []}))
     arms = {"base": {"predictions": 20, "accuracy": 0.25, "gated": 0.0, "changed": 0.0, "recovered": None},
-            "gated": {"predictions": 20, "accuracy": 0.3, "gated": 0.05, "changed": 0.02, "recovered": 0.6}}
+            "rl": {"predictions": 20, "accuracy": 0.35, "gated": 0.0, "changed": 0.0, "recovered": None},
+            "gated": {"predictions": 20, "accuracy": 0.3, "gated": 0.05, "changed": 0.02, "recovered": 0.6,
+                      "paired": {"test": "mcnemar", "problems": 20, "difference": 0.05, "p_value": 0.625,
+                                 "gained": 3, "lost": 2}}}
     (setup.out / "intervention").mkdir()
     (setup.out / "intervention" / "intervention.json").write_text(json.dumps(
         {"tau": 1.4, "random_rate": 0.02, "benchmarks": {"test": arms}}))
@@ -112,7 +115,17 @@ def test_footprint_render_changes_only_its_own_keys(results, tmp_path):
             "samples have such positions, 3.0 on average (quartiles 2, 3, 4), the first at median token 21; "
             "quartiles of their place in the completion 17%, 33%, 64%; they are 3.4% of the tokens of right samples "
             "and 3.3% of those of wrong ones.") in markdown
+    assert "| gated | 0.300 | +0.050, p = 0.62 (3 gained, 2 lost) | 5.0% | 2.0% | 60% |" in markdown
+    assert "| base | 0.250 | - |" in markdown  # and a report written before the paired tests: no test
+    assert "no gain for the substitution arms to recover" not in markdown  # the LoRA gains here
     assert "measured a rebuilt run's LoRA, not the one in the rows above: its own 20 rollouts" in markdown
+
+
+def test_an_intervention_without_a_gain_to_recover_says_so():
+    row = {"predictions": 20, "accuracy": 0.25, "gated": 0.0, "changed": 0.0, "recovered": None}
+    intervention = {"tau": 1.4, "random_rate": 0.02, "benchmarks": {"test": {"base": row, "rl": row}}}
+    lines = table.lora_section({"compute": {}, "intervention": intervention})
+    assert any("there is no gain for the substitution arms to recover" in line for line in lines)
 
 
 def test_a_footprint_without_a_spread_says_nothing_of_it():

@@ -28,7 +28,7 @@ from steer.pipeline.distributed import Workers
 from steer.pipeline.evaluation import Arm, EvalSettings, evaluate
 from steer.pipeline.folders.predictions import PredictionFolder
 from steer.pipeline.problems import Problem
-from steer.pipeline.summary import ArmSummary
+from steer.pipeline.summary import BenchmarkSummary, PairedTest, summarize
 from steer.settings import PAPER_TAU
 
 REPORT_FILE = "intervention.json"
@@ -151,13 +151,15 @@ def recovered_share(base: float, rl: float, arm: float) -> float | None:
 @dataclass(frozen=True)
 class ArmOutcome:
     """One arm on one benchmark: its decodes, accuracy, the shares of steps where it substituted (`gated`) and where
-    that changed the base top-1 (`changed`), and for the substitution arms the share of the RL gain recovered."""
+    that changed the base top-1 (`changed`), for the substitution arms the share of the RL gain recovered, and for
+    every arm but base its [`PairedTest`] against base on the same problems."""
 
     predictions: int
     accuracy: float
     gated: float
     changed: float
     recovered: float | None = None
+    paired: PairedTest | None = None
 
 
 @dataclass(frozen=True)
@@ -199,18 +201,18 @@ def intervene(
     out = Path(out_dir)
     digest = f"tau={tau}"
     arms = [Arm("base", base), Arm("rl", rl), Arm("gated", base, substitution(rl, tau=tau), digest)]
-    arm_summary = evaluate(base, tokenizer, benchmarks, out / "arms", settings, arms=arms, workers=workers,
-                           progress=progress)
+    evaluate(base, tokenizer, benchmarks, out / "arms", settings, arms=arms, workers=workers, progress=progress)
     workers.wait()
     rate = substitution_rate(PredictionFolder(out / "arms"), "gated")
     random_arm = Arm("random", base, substitution(rl, rate=rate, seed=settings.seed), f"rate={rate!r}")
-    random_summary = evaluate(base, tokenizer, benchmarks, out / "random", settings, arms=[random_arm],
-                              workers=workers, progress=progress)
+    evaluate(base, tokenizer, benchmarks, out / "random", settings, arms=[random_arm], workers=workers,
+             progress=progress)
     if not workers.is_main:
         return None
+    records = [*PredictionFolder(out / "arms").records(), *PredictionFolder(out / "random").records()]
+    summary = summarize(records, settings.samples)  # the random arm paired with base across the two folders
     report = InterventionReport(tau=tau, random_rate=rate, benchmarks={
-        name: intervention_rows({**arm_summary.benchmarks[name].arms, **random_summary.benchmarks[name].arms})
-        for name in benchmarks
+        name: intervention_rows(summary.benchmarks[name]) for name in benchmarks
     })
     atomic_write_json(out / REPORT_FILE, asdict(report))
     return report
@@ -223,14 +225,15 @@ def substitution_rate(folder: PredictionFolder, arm: str) -> float:
     return sum(r.gated for r in records) / steps if steps else 0.0
 
 
-def intervention_rows(arms: Mapping[str, ArmSummary]) -> dict[str, ArmOutcome]:
-    """One benchmark's rows from its evaluation summaries by arm: each arm's accuracy and shares of gated and
-    changed steps, and for the substitution arms the share of the RL gain recovered."""
-    base, rl = arms["base"].accuracy, arms["rl"].accuracy
+def intervention_rows(bench: BenchmarkSummary) -> dict[str, ArmOutcome]:
+    """One benchmark's rows from the summary of all its arms: each arm's accuracy and shares of gated and changed
+    steps, for the substitution arms the share of the RL gain recovered, and each arm's paired test against base."""
+    base, rl = bench.arms["base"].accuracy, bench.arms["rl"].accuracy
     return {
         name: ArmOutcome(
             predictions=a.predictions, accuracy=a.accuracy, gated=a.gated_fraction, changed=a.changed_fraction,
             recovered=recovered_share(base, rl, a.accuracy) if name in ("gated", "random") else None,
+            paired=bench.paired.get(name),
         )
-        for name, a in arms.items()
+        for name, a in bench.arms.items()
     }

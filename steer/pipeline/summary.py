@@ -77,6 +77,11 @@ class PairedTest:
     gained: int | None = None
     lost: int | None = None
 
+    def figures(self) -> str:
+        """The difference and the test in words, for example `+0.030 (mcnemar p = 0.508, 3 gained, 6 lost)`."""
+        detail = f", {self.gained} gained, {self.lost} lost" if self.gained is not None else ""
+        return f"{self.difference:+.3f} ({self.test} p = {self.p_value:.3g}{detail})"
+
     def verdict(self, alpha: float = 0.05) -> str:
         """The comparison in words, plain about a head that hurts."""
         if self.difference < 0:

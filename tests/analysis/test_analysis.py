@@ -332,6 +332,11 @@ def test_intervention_recovers_the_planted_gain(planted, tokenizer, problems, tm
     assert arms["gated"].gated == arms["gated"].changed == pytest.approx(report.random_rate)
     assert report.random_rate > 0
     assert 0 <= arms["random"].gated <= 1 and arms["random"].recovered is not None
+    assert arms["base"].paired is None
+    assert (arms["rl"].paired.gained, arms["rl"].paired.lost) == (len(problems), 0)
+    assert arms["gated"].paired.difference == 1.0 and arms["gated"].paired.p_value < 0.1
+    random_correct = round(arms["random"].accuracy * len(problems))  # paired with base across the two folders
+    assert (arms["random"].paired.problems, arms["random"].paired.gained) == (len(problems), random_correct)
     assert json.loads((tmp_path / "intervention.json").read_text()) == dataclasses.asdict(report)
     again = intervene(base, rl, tokenizer, {"planted": graded}, tmp_path, settings, tau=TAU, progress=False)
     assert again == report
@@ -356,3 +361,4 @@ def test_analyze_commands_on_a_model_against_itself(tiny_model_dir, arithmetic_f
     assert {arm: row["accuracy"] for arm, row in arms.items()} == {a: arms["base"]["accuracy"] for a in arms}
     assert arms["gated"]["gated"] == 1.0 and arms["gated"]["changed"] == 0.0
     assert arms["gated"]["recovered"] is None
+    assert arms["random"]["paired"]["difference"] == 0.0 and arms["random"]["paired"]["p_value"] == 1.0
